@@ -1,0 +1,1 @@
+"""Calibration runs and the metrics that rank layers and experts."""

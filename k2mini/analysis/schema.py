@@ -1,0 +1,96 @@
+"""analysis.json: the typed, versioned result of ``k2mini analyze``.
+
+One analysis serves any pruning ratio: ``convert --analysis`` reads these scores and
+selects at whatever --layers/--experts the user asks for, without re-running calibration.
+Layer indices are source layer indices; expert lists are indexed by source expert id.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from k2mini.errors import UsageError
+
+ANALYSIS_VERSION = 1
+
+
+class SourceFingerprint(BaseModel):
+    location: str
+    config_sha256: str
+    index_sha256: str | None
+    num_hidden_layers: int
+    n_routed_experts: int
+
+
+class CalibrationSource(BaseModel):
+    name: str  # "builtin:prose", "builtin:code", or a file path
+    samples: int
+
+
+class CalibrationInfo(BaseModel):
+    sources: list[CalibrationSource]
+    samples: int
+    seq_len: int
+    seed: int
+    tokens: int
+
+
+class ExpertStats(BaseModel):
+    """Per routed expert of one MoE layer, computed with K2's real routing on routed tokens only.
+
+    g_j(x) is the routing weight after top-k normalisation and routed_scaling_factor;
+    f_j(x) the expert's output for token x.
+    """
+
+    frequency: list[int]  # |X_j|: tokens routed to j
+    mean_weight: list[float]  # mean g_j over X_j (0 when |X_j| = 0)
+    reap: list[float]  # (1/|X_j|) sum_{X_j} g_j(x) ||f_j(x)||
+    ean: list[float]  # sum_{X_j} ||f_j(x)||
+    max_activation: list[float]  # max over X_j of max |f_j(x)| ("super experts")
+    # Weight-only proxies (no data): router row L2 norm, correction bias, expert weight norm.
+    router_norm: list[float] | None = None
+    correction_bias: list[float] | None = None
+    weight_norm: list[float] | None = None
+
+
+class LayerStats(BaseModel):
+    layer: int
+    kind: Literal["dense", "moe"]
+    block_influence: float  # 1 - mean_t cos(h_l(t), h_{l+1}(t))
+    hidden_norm: float  # mean ||h_{l+1}(t)|| over calibration tokens
+    nll_increase: float | None = None  # calibration NLL(skip l) - NLL(full), when computed
+    experts: ExpertStats | None = None
+
+
+class Analysis(BaseModel):
+    version: int = ANALYSIS_VERSION
+    tool_version: str
+    source: SourceFingerprint
+    calibration: CalibrationInfo
+    layers: list[LayerStats]
+    # angular_distance[str(n)][l] = arccos(cos(h_l, h_{l+n})) / pi on the last token,
+    # averaged over samples, for l = 0..L-n (h_0 = embeddings, h_L = last layer's output).
+    angular_distance: dict[str, list[float]] = Field(default_factory=dict)
+    baseline_nll: float | None = None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Analysis:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise UsageError(f"--analysis {path}: file not found") from None
+        except ValueError as exc:
+            raise UsageError(f"--analysis {path}: not valid JSON ({exc})") from None
+        if data.get("version") != ANALYSIS_VERSION:
+            raise UsageError(f"--analysis {path}: version {data.get('version')} is not supported (expected {ANALYSIS_VERSION})")
+        try:
+            return cls.model_validate(data)
+        except ValueError as exc:
+            raise UsageError(f"--analysis {path}: does not match the analysis schema ({exc})") from None

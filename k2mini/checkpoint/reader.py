@@ -1,0 +1,223 @@
+"""Open a K2-format checkpoint and hand out one tensor at a time.
+
+Opening reads config.json, the index and every shard's header (a few MB for K2's 959 GiB),
+never tensor data. ``read`` fetches exactly one tensor's bytes (plus its scale grid for
+FP8 weights, wherever the index puts it) and dequantizes to BF16; ``read_raw`` returns the
+stored bytes for pass-through. Memory use is one tensor, whatever the checkpoint size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from k2mini.checkpoint import fp8
+from k2mini.checkpoint.names import TensorName, parse_name, scale_name
+from k2mini.checkpoint.safetensors_format import DTYPES, parse_header, read_header_length
+from k2mini.checkpoint.source import LocalSource, Source, check_relative
+from k2mini.errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Bytes fetched up front per shard: the length prefix and, for typical headers, the whole
+# header in one request (one round trip per shard on remote sources).
+_HEADER_PROBE = 1 << 16
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors tag
+    shape: tuple[int, ...]
+    file: str  # shard path relative to the checkpoint root
+    offset: int  # absolute byte offset in the shard
+    nbytes: int
+    parsed: TensorName
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something wrong with a checkpoint, found without reading tensor data."""
+
+    kind: str  # missing_scale, orphan_scale, scale_shape, scale_dtype, unindexed
+    tensor: str
+    file: str
+    message: str
+
+
+class Checkpoint:
+    """A checkpoint directory (or any Source): config, tensor table, per-tensor reads."""
+
+    def __init__(self, source: Source):
+        self.source = source
+        self.config: dict[str, Any] = self._load_config()
+        self.tensors: dict[str, TensorInfo] = {}
+        self.index_file: str | None = None
+        self.problems: list[Problem] = []
+        self._load_tensor_table()
+
+    @classmethod
+    def open(cls, location: str | Path) -> Checkpoint:
+        return cls(LocalSource(location))
+
+    @property
+    def description(self) -> str:
+        return self.source.description
+
+    # -- loading ---------------------------------------------------------------------
+
+    def _load_config(self) -> dict[str, Any]:
+        if not self.source.exists("config.json"):
+            raise CheckpointError("config.json is missing", path=self.source.description)
+        try:
+            cfg = json.loads(self.source.read_bytes("config.json"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"config.json is not valid JSON ({exc})", path=self.source.description) from None
+        if not isinstance(cfg, dict):
+            raise CheckpointError("config.json is not a JSON object", path=self.source.description)
+        return cfg
+
+    def _load_tensor_table(self) -> None:
+        where = self.source.description
+        if self.source.exists(INDEX_FILE):
+            self.index_file = INDEX_FILE
+            try:
+                index = json.loads(self.source.read_bytes(INDEX_FILE))
+                weight_map = index["weight_map"]
+                if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+                ):
+                    raise TypeError("weight_map must map tensor names to file names")
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+                raise CheckpointError(f"{INDEX_FILE} is malformed ({exc})", path=where) from None
+        elif self.source.exists(SINGLE_FILE):
+            weight_map = None
+        else:
+            raise CheckpointError(f"neither {INDEX_FILE} nor {SINGLE_FILE} found", path=where)
+
+        files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
+        for f in files:
+            check_relative(f, where=f"{where}/{INDEX_FILE}")
+        headers = {}
+        for f in files:
+            if not self.source.exists(f):
+                example = next(k for k, v in weight_map.items() if v == f) if weight_map else f
+                raise CheckpointError(f"shard {f} listed in {INDEX_FILE} (e.g. for {example}) is missing", path=where)
+            headers[f] = self._read_header(f)
+
+        if weight_map is None:
+            weight_map = {name: SINGLE_FILE for name in headers[SINGLE_FILE].entries}
+        for name, f in weight_map.items():
+            h = headers[f]
+            e = h.entries.get(name)
+            if e is None:
+                raise CheckpointError(f"tensor {name} is listed in {INDEX_FILE} but absent from {f}", path=where)
+            self.tensors[name] = TensorInfo(
+                name, e.dtype, e.shape, f, h.data_start + e.begin, e.nbytes, parse_name(name)
+            )
+        for f, h in headers.items():
+            for name in h.entries:
+                if name not in weight_map:
+                    self.problems.append(Problem("unindexed", name, f, f"{name} is in {f} but not in the index (ignored)"))
+        self._check_scales()
+
+    def _read_header(self, f: str):
+        where = f"{self.source.description}/{f}"
+        size = self.source.size(f)
+        probe = bytearray(min(_HEADER_PROBE, size))
+        self.source.read_into(f, 0, memoryview(probe))
+        n = read_header_length(bytes(probe[:8]), where=where, file_size=size)
+        if 8 + n <= len(probe):
+            raw = bytes(probe[8 : 8 + n])
+        else:
+            buf = bytearray(n)
+            self.source.read_into(f, 8, memoryview(buf))
+            raw = bytes(buf)
+        return parse_header(raw, where=where, file_size=size)
+
+    def _check_scales(self) -> None:
+        for name, t in self.tensors.items():
+            if t.parsed.is_scale:
+                w = self.tensors.get(t.parsed.weight_name)
+                if w is None:
+                    self.problems.append(Problem("orphan_scale", name, t.file, f"{name} has no weight {t.parsed.weight_name}"))
+                elif t.dtype != "F32":
+                    self.problems.append(Problem("scale_dtype", name, t.file, f"{name} is {t.dtype}, expected F32"))
+                elif len(w.shape) != 2 or t.shape != fp8.scale_grid_shape(w.shape):
+                    expected = list(fp8.scale_grid_shape(w.shape)) if len(w.shape) == 2 else "a 2-D weight"
+                    self.problems.append(
+                        Problem("scale_shape", name, t.file, f"{name} is {list(t.shape)} but weight {list(w.shape)} needs {expected}")
+                    )
+            elif t.dtype == "F8_E4M3" and scale_name_or_none(name) not in self.tensors:
+                self.problems.append(Problem("missing_scale", name, t.file, f"FP8 weight {name} has no {scale_name_or_none(name)}"))
+
+    # -- queries ---------------------------------------------------------------------
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"tensor {name} is not in the checkpoint", path=self.description) from None
+
+    def scale_of(self, name: str) -> TensorInfo | None:
+        s = scale_name_or_none(name)
+        return self.tensors.get(s) if s else None
+
+    def is_fp8(self, name: str) -> bool:
+        return self.info(name).dtype == "F8_E4M3"
+
+    def weight_names(self) -> list[str]:
+        """Every tensor that is not a scale grid."""
+        return [n for n, t in self.tensors.items() if not t.parsed.is_scale]
+
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    # -- reads -----------------------------------------------------------------------
+
+    def read_raw(self, name: str) -> torch.Tensor:
+        """The tensor exactly as stored (FP8 stays FP8)."""
+        t = self.info(name)
+        out = torch.empty(t.shape, dtype=DTYPES[t.dtype][0])
+        if t.nbytes:
+            self.source.read_into(t.file, t.offset, memoryview(out.view(-1).view(torch.uint8).numpy()))
+        return out
+
+    def read_fp8(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """An FP8 weight and its scale grid, checked against each other."""
+        t = self.info(name)
+        s = self.scale_of(name)
+        where = f"{self.description}/{t.file}"
+        if s is None:
+            raise CheckpointError(f"FP8 weight {name} has no {scale_name_or_none(name)}", path=where)
+        if len(t.shape) != 2 or s.shape != fp8.scale_grid_shape(t.shape) or s.dtype != "F32":
+            raise CheckpointError(
+                f"scale grid {s.name} is {s.dtype}{list(s.shape)} but weight {name} {list(t.shape)} needs F32"
+                f"{list(fp8.scale_grid_shape(t.shape)) if len(t.shape) == 2 else ''}",
+                path=f"{self.description}/{s.file}",
+            )
+        return self.read_raw(name), self.read_raw(s.name)
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor for computation: FP8 weights dequantized to BF16, others as stored."""
+        if self.is_fp8(name):
+            w, s = self.read_fp8(name)
+            return fp8.dequantize(w, s)
+        return self.read_raw(name)
+
+    def read_many(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        return {n: self.read(n) for n in names}
+
+
+def scale_name_or_none(name: str) -> str | None:
+    return scale_name(name) if name.endswith(".weight") else None

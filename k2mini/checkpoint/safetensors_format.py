@@ -1,0 +1,213 @@
+"""The safetensors container: parse a header from bytes, write a shard one tensor at a time.
+
+We parse headers ourselves instead of calling ``safetensors.safe_open`` because the reader
+must work on byte ranges (a local file read with pread, or a Hub file fetched by HTTP Range)
+without mapping whole shards, and because a hostile header must end in our own one-line
+error rather than a Rust panic or an allocation sized by the header. We write shards
+ourselves because ``safetensors.torch.save_file`` needs every tensor of a shard in memory at
+once; here the header is written first and each tensor's bytes are streamed after it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from k2mini.errors import CheckpointError
+
+# Upper bound on the JSON header. The real K2 shards have headers well under 1 MB; the
+# Rust library uses 100 MB. A larger declared length is corruption or an attack.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_RANK = 8
+_ALIGN = 8
+
+# safetensors dtype tag -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+}
+TORCH_TO_TAG = {dt: tag for tag, (dt, _) in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # offset within the data section
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    entries: dict[str, HeaderEntry]
+    metadata: dict[str, str]
+    data_start: int  # absolute file offset of the data section (8 + header length)
+
+
+def read_header_length(prefix: bytes, *, where: str, file_size: int) -> int:
+    if len(prefix) < 8:
+        raise CheckpointError("file is shorter than the 8-byte safetensors header length", path=where)
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n == 0 or n > MAX_HEADER_BYTES:
+        raise CheckpointError(f"declared header length {n} bytes is not plausible (limit {MAX_HEADER_BYTES})", path=where)
+    if 8 + n > file_size:
+        raise CheckpointError(f"truncated: header of {n} bytes declared but the file has {file_size} bytes", path=where)
+    return n
+
+
+def parse_header(raw: bytes, *, where: str, file_size: int) -> ShardHeader:
+    """Validate a header completely: every tensor fits, nothing overlaps, sizes agree."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"header is not UTF-8 ({exc.reason} at byte {exc.start})", path=where) from None
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise CheckpointError("header JSON is nested too deeply", path=where) from None
+    except ValueError as exc:
+        raise CheckpointError(f"header is not valid JSON ({exc})", path=where) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError("header is not a JSON object", path=where)
+    data_start = 8 + len(raw)
+    data_size = file_size - data_start
+    metadata: dict[str, str] = {}
+    entries: dict[str, HeaderEntry] = {}
+    for name, spec in obj.items():
+        if name == "__metadata__":
+            if not isinstance(spec, dict) or not all(isinstance(v, str) for v in spec.values()):
+                raise CheckpointError("__metadata__ must map strings to strings", path=where)
+            metadata = dict(spec)
+            continue
+        entries[name] = _parse_entry(name, spec, where)
+    spans = sorted((e.begin, e.end, e.name) for e in entries.values())
+    prev_end, prev_name = 0, None
+    for begin, end, name in spans:
+        if begin < prev_end:
+            raise CheckpointError(f"tensor {name} overlaps tensor {prev_name}", path=where)
+        prev_end, prev_name = end, name
+    if prev_end > data_size:
+        raise CheckpointError(
+            f"truncated: tensor {prev_name} ends at data byte {prev_end} but the file holds {max(data_size, 0)} data bytes",
+            path=where,
+        )
+    return ShardHeader(entries=entries, metadata=metadata, data_start=data_start)
+
+
+def _parse_entry(name: str, spec: object, where: str) -> HeaderEntry:
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"tensor {name}: header entry is not an object", path=where)
+    dtype = spec.get("dtype")
+    if dtype not in DTYPES:
+        raise CheckpointError(f"tensor {name}: unknown dtype {dtype!r}", path=where)
+    shape = spec.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_RANK
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
+    ):
+        raise CheckpointError(f"tensor {name}: invalid shape {shape!r}", path=where)
+    offsets = spec.get("data_offsets")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o < 2**62 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise CheckpointError(f"tensor {name}: invalid data_offsets {offsets!r}", path=where)
+    expected = math.prod(shape) * DTYPES[dtype][1]
+    if offsets[1] - offsets[0] != expected:
+        raise CheckpointError(
+            f"tensor {name}: data_offsets span {offsets[1] - offsets[0]} bytes but {dtype}{shape} needs {expected}",
+            path=where,
+        )
+    return HeaderEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor whose name, dtype and shape are known before its data is produced."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+def encode_header(tensors: Iterable[PlannedTensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Header bytes (length prefix included) for tensors laid out in the given order."""
+    obj: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        obj[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    body = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+    body += b" " * (-len(body) % _ALIGN)
+    return struct.pack("<Q", len(body)) + body
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor, without a copy when it is contiguous."""
+    t = t.detach().contiguous().cpu()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
+def write_shard(
+    path: Path,
+    plan: list[PlannedTensor],
+    data: Iterator[torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> int:
+    """Write one shard: the header, then each tensor as ``data`` yields it, in ``plan`` order.
+
+    Each yielded tensor must match its planned dtype and shape; the file is fsynced so a
+    finished shard survives a crash of what follows. Returns the bytes written.
+    """
+    written = 0
+    with open(path, "wb") as f:
+        head = encode_header(plan, metadata)
+        f.write(head)
+        written += len(head)
+        for planned in plan:
+            t = next(data)
+            written += _write_tensor(f, planned, t)
+        f.flush()
+        os.fsync(f.fileno())
+    return written
+
+
+def _write_tensor(f: BinaryIO, planned: PlannedTensor, t: torch.Tensor) -> int:
+    tag = TORCH_TO_TAG.get(t.dtype)
+    if tag != planned.dtype or tuple(t.shape) != planned.shape:
+        raise ValueError(f"{planned.name}: planned {planned.dtype}{list(planned.shape)}, got {tag}{list(t.shape)}")
+    buf = tensor_bytes(t)
+    f.write(buf)
+    return len(buf)

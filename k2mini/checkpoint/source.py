@@ -1,0 +1,115 @@
+"""Where checkpoint bytes come from: a local directory now, a Hub repository by byte ranges later.
+
+The reader only ever asks a source for a file's size, a byte range, or a small file whole,
+so the same reader serves a directory and a remote repository.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+
+from k2mini.errors import CheckpointError
+
+
+class Source(Protocol):
+    description: str
+    bytes_read: int
+
+    def exists(self, rel: str) -> bool: ...
+
+    def size(self, rel: str) -> int: ...
+
+    def read_into(self, rel: str, offset: int, buf: memoryview) -> None: ...
+
+    def read_bytes(self, rel: str) -> bytes: ...
+
+    def list_files(self) -> list[str]: ...
+
+
+def check_relative(rel: str, *, where: str) -> PurePosixPath:
+    """Refuse names that could reach outside the checkpoint (``../x``, ``/etc/x``, ``C:x``)."""
+    p = PurePosixPath(rel)
+    if not rel or p.is_absolute() or ".." in p.parts or "\\" in rel or ":" in rel or "\x00" in rel:
+        raise CheckpointError(f"file name {rel!r} points outside the checkpoint directory", path=where)
+    return p
+
+
+class LocalSource:
+    """A checkpoint directory on local disk, read with pread (no mmap of whole shards)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise CheckpointError("not a directory", path=str(root))
+        self.description = str(self.root)
+        self.bytes_read = 0
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def path(self, rel: str) -> Path:
+        check_relative(rel, where=self.description)
+        p = self.root / rel
+        # A symlink inside the directory may still point elsewhere: resolve and re-check.
+        real = p.resolve()
+        if real != self.root and self.root not in real.parents:
+            raise CheckpointError(f"{rel} resolves to {real}, outside the checkpoint directory", path=self.description)
+        return p
+
+    def exists(self, rel: str) -> bool:
+        return self.path(rel).is_file()
+
+    def size(self, rel: str) -> int:
+        try:
+            return self.path(rel).stat().st_size
+        except FileNotFoundError:
+            raise CheckpointError("file is missing", path=str(self.root / rel)) from None
+
+    def _fd(self, rel: str) -> int:
+        with self._lock:
+            fd = self._fds.get(rel)
+            if fd is None:
+                try:
+                    fd = os.open(self.path(rel), os.O_RDONLY)
+                except FileNotFoundError:
+                    raise CheckpointError("file is missing", path=str(self.root / rel)) from None
+                self._fds[rel] = fd
+            return fd
+
+    def read_into(self, rel: str, offset: int, buf: memoryview) -> None:
+        fd = self._fd(rel)
+        done = 0
+        while done < len(buf):
+            n = os.preadv(fd, [buf[done:]], offset + done)
+            if n == 0:
+                raise CheckpointError(
+                    f"truncated: wanted {len(buf)} bytes at offset {offset}, file ends after {done}",
+                    path=str(self.root / rel),
+                )
+            done += n
+        self.bytes_read += done
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            data = self.path(rel).read_bytes()
+        except FileNotFoundError:
+            raise CheckpointError("file is missing", path=str(self.root / rel)) from None
+        self.bytes_read += len(data)
+        return data
+
+    def list_files(self) -> list[str]:
+        return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

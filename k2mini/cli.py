@@ -1,0 +1,55 @@
+"""The ``k2mini`` command line: a click group; each command lives in k2mini/commands/."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from k2mini import __version__
+from k2mini.commands.fixture import fixture_cmd
+from k2mini.commands.inspect import inspect_cmd
+from k2mini.errors import K2MiniError
+
+
+class _Group(click.Group):
+    """Turns K2MiniError into one line on stderr and exit code 2 (traceback with --debug)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except K2MiniError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"k2mini: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("k2mini: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="k2mini")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Shrink Kimi-K2 / DeepSeek-V3 MoE checkpoints, one tensor at a time.
+
+    \b
+    Examples:
+      k2mini inspect ./Kimi-K2-Instruct
+      k2mini fixture ./tiny-k2 --preset tiny
+    """
+    ctx.obj = {"debug": debug}
+
+
+cli.add_command(inspect_cmd)
+cli.add_command(fixture_cmd)
+
+
+def main() -> None:
+    cli(prog_name="k2mini")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""What a config implies: layer kinds, tensor shapes, parameter and byte counts."""

@@ -1,0 +1,68 @@
+"""Bridges to transformers' DeepseekV3: config without remote code, K2 names to its fused
+expert parameters, and a whole-model loader for checkpoints small enough to hold."""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# Fields of a K2 config that are remote-code or quantization plumbing, not architecture.
+_NON_ARCH = ("auto_map", "quantization_config", "model_type", "architectures", "k2mini")
+
+
+def hf_config(cfg: dict[str, Any]):
+    """transformers' DeepseekV3Config for a K2 or DeepSeek-V3 config dict (no remote code)."""
+    from transformers import DeepseekV3Config
+
+    fields = {k: copy.deepcopy(v) for k, v in cfg.items() if k not in _NON_ARCH}
+    return DeepseekV3Config(**fields)
+
+
+def fuse_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """K2 per-expert weights -> transformers' fused ``experts.gate_up_proj`` / ``down_proj``.
+
+    transformers 5 stores each MoE layer's experts as [E, 2I, H] (gate rows then up rows)
+    and [E, H, I]. Experts must be numbered 0..E-1 with none missing.
+    """
+    out: dict[str, torch.Tensor] = {}
+    groups: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for name, t in tensors.items():
+        m = _EXPERT.match(name)
+        if m:
+            groups.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = t
+        else:
+            out[name] = t
+    for prefix, experts in groups.items():
+        ids = sorted(experts)
+        if ids != list(range(len(ids))):
+            raise ValueError(f"{prefix}: experts are not numbered 0..{len(ids) - 1}: {ids[:10]}")
+        out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]]) for e in ids])
+        out[f"{prefix}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in ids])
+    return out
+
+
+def build_model(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+    """A DeepseekV3ForCausalLM holding exactly ``tensors`` (K2 names); strict about keys."""
+    from transformers import DeepseekV3ForCausalLM
+
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(hf_config(cfg))
+    sd = {k: v.to(dtype) if v.is_floating_point() and not k.endswith("e_score_correction_bias") else v
+          for k, v in fuse_experts(tensors).items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    # Non-persistent buffers (rotary inv_freq) were created on meta: rebuild them.
+    model.model.rotary_emb = type(model.model.rotary_emb)(model.config)
+    return model.eval()
+
+
+def load_checkpoint_model(ck, dtype: torch.dtype = torch.float32, names: Iterable[str] | None = None):
+    """Whole model from a Checkpoint (small checkpoints only: everything is resident)."""
+    from k2mini.checkpoint.names import Role
+
+    wanted = names if names is not None else [n for n in ck.weight_names() if ck.tensors[n].parsed.role is not Role.INV_FREQ]
+    return build_model(ck.config, {n: ck.read(n) for n in wanted}, dtype)
