@@ -105,16 +105,22 @@ def quantize(weight: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, to
     """Block-quantize to float8_e4m3fn; returns (fp8 weight, fp32 scale_inv grid).
 
     Each block's scale maps its absolute maximum to the FP8 maximum (448), so every block
-    uses the full FP8 range; an all-zero block gets scale 1.
+    uses the full FP8 range; an all-zero block gets scale 1. Works one 128-row band at a
+    time so the float32 temporaries are a band, not the whole tensor.
     """
     rows, cols = weight.shape
     gr, gc = scale_grid_shape((rows, cols), block)
-    w = weight.to(torch.float32)
-    padded = torch.zeros((gr * block, gc * block), dtype=torch.float32, device=w.device)
-    padded[:rows, :cols] = w
-    blocks = padded.view(gr, block, gc, block)
-    amax = blocks.abs().amax(dim=(1, 3))
-    scale_inv = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (blocks / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
-    q = q.view(gr * block, gc * block)[:rows, :cols].to(torch.float8_e4m3fn)
-    return q.contiguous(), scale_inv.contiguous()
+    q = torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=weight.device)
+    scale_inv = torch.empty((gr, gc), dtype=torch.float32, device=weight.device)
+    padded = torch.zeros((block, gc * block), dtype=torch.float32, device=weight.device)
+    for i in range(gr):
+        r0, r1 = i * block, min((i + 1) * block, rows)
+        padded.zero_()
+        padded[: r1 - r0, :cols] = weight[r0:r1]
+        blocks = padded.view(block, gc, block)
+        amax = blocks.abs().amax(dim=(0, 2))
+        s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        scale_inv[i] = s
+        band = (blocks / s[None, :, None]).clamp_(-FP8_MAX, FP8_MAX).view(block, gc * block)
+        q[r0:r1] = band[: r1 - r0, :cols].to(torch.float8_e4m3fn)
+    return q, scale_inv
