@@ -33,3 +33,17 @@ def test_bf16_weights_from_reader_reproduce_the_fixture_models_logits(tiny_fixtu
         got = model(ids).logits
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_a_hugging_face_cache_snapshot_with_symlinks_into_blobs_is_readable(tiny_fixture, tmp_path):
+    repo = tmp_path / "models--org--k2"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    for i, f in enumerate(sorted(tiny_fixture.path.iterdir())):
+        blob = repo / "blobs" / f"blob{i}"
+        blob.write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(f"../../blobs/blob{i}")
+    ck = Checkpoint.open(snap)
+    name = "model.layers.1.mlp.experts.3.down_proj.weight"
+    assert torch.equal(ck.read(name), Checkpoint.open(tiny_fixture.path).read(name))

@@ -45,6 +45,11 @@ class LocalSource:
         if not self.root.is_dir():
             raise CheckpointError("not a directory", path=str(root))
         self.description = str(self.root)
+        # A Hugging Face cache snapshot (models--org--name/snapshots/<sha>) holds symlinks
+        # into the same repo's blobs/ folder; those are the repo's own files.
+        self._allowed_roots = [self.root]
+        if self.root.parent.name == "snapshots" and (self.root.parent.parent / "blobs").is_dir():
+            self._allowed_roots.append((self.root.parent.parent / "blobs").resolve())
         self.bytes_read = 0
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -54,7 +59,7 @@ class LocalSource:
         p = self.root / rel
         # A symlink inside the directory may still point elsewhere: resolve and re-check.
         real = p.resolve()
-        if real != self.root and self.root not in real.parents:
+        if not any(real == r or r in real.parents for r in self._allowed_roots):
             raise CheckpointError(f"{rel} resolves to {real}, outside the checkpoint directory", path=self.description)
         return p
 
