@@ -7,6 +7,7 @@ Layer indices are source layer indices; expert lists are indexed by source exper
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Literal
@@ -24,6 +25,23 @@ class SourceFingerprint(BaseModel):
     index_sha256: str | None
     num_hidden_layers: int
     n_routed_experts: int
+
+    @classmethod
+    def of(cls, ck) -> SourceFingerprint:
+        """The fingerprint of an open Checkpoint (hashes of config.json and the index)."""
+        cfg = ck.source.read_bytes("config.json")
+        idx = ck.source.read_bytes(ck.index_file) if ck.index_file else None
+        return cls(
+            location=ck.description,
+            config_sha256=hashlib.sha256(cfg).hexdigest(),
+            index_sha256=hashlib.sha256(idx).hexdigest() if idx is not None else None,
+            num_hidden_layers=int(ck.config["num_hidden_layers"]),
+            n_routed_experts=int(ck.config.get("n_routed_experts") or 0),
+        )
+
+    def same_weights(self, other: SourceFingerprint) -> bool:
+        """Same config and tensor index (the location may differ: a copy or a Hub mirror)."""
+        return (self.config_sha256, self.index_sha256) == (other.config_sha256, other.index_sha256)
 
 
 class CalibrationSource(BaseModel):

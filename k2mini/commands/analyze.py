@@ -1,0 +1,89 @@
+"""``k2mini analyze``: layer-streamed calibration run -> analysis.json (+ plots)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from k2mini.errors import UsageError
+
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        return int(float(num) * units[unit])
+    except ValueError:
+        raise UsageError(f"--memory-budget {text!r}: expected a size like 8G or 512M") from None
+
+
+@click.command("analyze")
+@click.option("--source", "-s", required=True, help="Source checkpoint directory (K2 / DeepSeek-V3 format).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=Path("analysis.json"),
+              show_default=True, help="Where to write analysis.json.")
+@click.option("--calib", "calib", multiple=True, metavar="[NAME=]SPEC",
+              help="Calibration source, repeatable: builtin (prose+code), builtin:prose, builtin:code, a text file "
+                   "or a .jsonl file with a 'text' field (FILE.jsonl:FIELD for another field). Default: builtin.")
+@click.option("--samples", default=32, show_default=True, type=int, help="Calibration sequences (split evenly across sources).")
+@click.option("--seq-len", default=512, show_default=True, type=int, help="Tokens per calibration sequence.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--nll/--no-nll", default=False, show_default=True,
+              help="Also score each layer by the calibration NLL increase when it is skipped (SLEB-style; "
+                   "extra compute, no extra weight reads).")
+@click.option("--nll-samples", default=4, show_default=True, type=int, help="Sequences used for the --nll score.")
+@click.option("--weight-norms", is_flag=True, help="Also record every expert's weight norm (reads every expert once).")
+@click.option("--memory-budget", default="4G", show_default=True,
+              help="RAM for carried activations; beyond it they are kept on disk in the work directory.")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where per-layer state is kept for --resume (default: OUTPUT.work).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run after its last finished layer.")
+@click.option("--plots/--no-plots", default=True, show_default=True,
+              help="Write OUTPUT-stem.layers.png and .experts.png next to the output.")
+@click.option("--json", "as_json", is_flag=True, help="Print analysis.json to stdout instead of the summary.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def analyze_cmd(source, output, calib, samples, seq_len, seed, nll, nll_samples, weight_norms, memory_budget,
+                work_dir, resume, plots, as_json, quiet) -> None:
+    """Run calibration text through SOURCE one decoder layer at a time and score every
+    layer and routed expert; writes analysis.json for `convert --analysis`.
+
+    Only one layer's weights are in memory at a time; in MoE layers only the experts that
+    received tokens are read. One analysis serves any pruning ratio.
+
+    \b
+    Examples:
+      k2mini analyze -s ./Kimi-K2-Instruct -o k2.analysis.json --samples 64 --seq-len 1024
+      k2mini analyze -s ./tiny-k2 --calib prose=builtin:prose --calib mine=data.jsonl --nll
+      k2mini analyze -s ./Kimi-K2-Instruct -o k2.analysis.json --resume
+    """
+    from k2mini.analysis.analyze import AnalyzeOptions, analyze
+    from k2mini.analysis.calibration import build_calibration
+    from k2mini.analysis.report import render_summary, save_plots
+    from k2mini.analysis.tokenizer import load_tokenizer
+    from k2mini.checkpoint.reader import Checkpoint
+
+    if nll_samples < 1:
+        raise UsageError("--nll-samples must be >= 1")
+    budget = _parse_size(memory_budget)
+    ck = Checkpoint.open(source)
+    if int(ck.config.get("num_hidden_layers") or 0) < 1:
+        raise UsageError(f"{source}/config.json: num_hidden_layers must be >= 1")
+    calib_set = build_calibration(load_tokenizer(ck), list(calib) or None, samples=samples, seq_len=seq_len, seed=seed)
+    opts = AnalyzeOptions(nll=nll, nll_samples=nll_samples, weight_norms=weight_norms, memory_budget=budget, progress=not quiet)
+    work = work_dir or output.with_name(output.name + ".work")
+    result = analyze(ck, calib_set, opts, work_dir=work, resume=resume)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    result.save(tmp)
+    tmp.replace(output)  # never a half-written analysis.json
+    written = []
+    if plots:
+        written = save_plots(result, output.with_suffix(""))
+    if as_json:
+        click.echo(result.model_dump_json(indent=1))
+    else:
+        click.echo(render_summary(result))
+        click.echo(f"\nwrote {output}" + "".join(f", {p}" for p in written))
