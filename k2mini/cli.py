@@ -7,6 +7,7 @@ import sys
 import click
 
 from k2mini import __version__
+from k2mini.commands.analyze import analyze_cmd
 from k2mini.commands.fixture import fixture_cmd
 from k2mini.commands.inspect import inspect_cmd
 from k2mini.errors import K2MiniError
@@ -45,6 +46,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 cli.add_command(inspect_cmd)
 cli.add_command(fixture_cmd)
+cli.add_command(analyze_cmd)
 
 
 def main() -> None:
