@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import click
@@ -22,11 +23,27 @@ class _Group(click.Group):
         except K2MiniError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"k2mini: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(str(exc), exc.exit_code)
+        except OSError as exc:
+            # The machine, not the input: a full disk, a quota, an unreadable or unwritable path.
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            hint = " (free some space or choose another output directory)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            _fail(f"{where}{exc.strerror or exc}{hint}", 2)
+        except MemoryError:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            _fail("out of memory: this run needs more RAM than is free (--debug shows where)", 2)
         except KeyboardInterrupt:
             click.echo("k2mini: interrupted", err=True)
             sys.exit(130)
+
+
+def _fail(message: str, code: int) -> None:
+    # Names from a hostile checkpoint can hold newlines; the error must stay one line.
+    click.echo("k2mini: error: " + " ".join(message.split()), err=True)
+    sys.exit(code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -8,7 +8,6 @@ stored bytes for pass-through. Memory use is one tensor, whatever the checkpoint
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import torch
 
 from k2mini.checkpoint import fp8
 from k2mini.checkpoint.names import TensorName, parse_name, scale_name
-from k2mini.checkpoint.safetensors_format import DTYPES, parse_header, read_header_length
+from k2mini.checkpoint.safetensors_format import DTYPES, load_json_object, parse_header, read_header_length, show_name
 from k2mini.checkpoint.source import LocalSource, Source, check_relative
 from k2mini.errors import CheckpointError
 
@@ -79,27 +78,18 @@ class Checkpoint:
     def _load_config(self) -> dict[str, Any]:
         if not self.source.exists("config.json"):
             raise CheckpointError("config.json is missing", path=self.source.description)
-        try:
-            cfg = json.loads(self.source.read_bytes("config.json"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"config.json is not valid JSON ({exc})", path=self.source.description) from None
-        if not isinstance(cfg, dict):
-            raise CheckpointError("config.json is not a JSON object", path=self.source.description)
-        return cfg
+        return load_json_object(
+            self.source.read_bytes("config.json"), what="config.json", where=f"{self.source.description}/config.json"
+        )
 
     def _load_tensor_table(self) -> None:
         where = self.source.description
         if self.source.exists(INDEX_FILE):
             self.index_file = INDEX_FILE
-            try:
-                index = json.loads(self.source.read_bytes(INDEX_FILE))
-                weight_map = index["weight_map"]
-                if not isinstance(weight_map, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-                ):
-                    raise TypeError("weight_map must map tensor names to file names")
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-                raise CheckpointError(f"{INDEX_FILE} is malformed ({exc})", path=where) from None
+            index = load_json_object(self.source.read_bytes(INDEX_FILE), what=INDEX_FILE, where=f"{where}/{INDEX_FILE}")
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError("weight_map must map tensor names to file names", path=f"{where}/{INDEX_FILE}")
         elif self.source.exists(SINGLE_FILE):
             weight_map = None
         else:
@@ -112,7 +102,9 @@ class Checkpoint:
         for f in files:
             if not self.source.exists(f):
                 example = next(k for k, v in weight_map.items() if v == f) if weight_map else f
-                raise CheckpointError(f"shard {f} listed in {INDEX_FILE} (e.g. for {example}) is missing", path=where)
+                raise CheckpointError(
+                    f"shard {show_name(f)} listed in {INDEX_FILE} (e.g. for {show_name(example)}) is missing", path=where
+                )
             headers[f] = self._read_header(f)
 
         if weight_map is None:
@@ -121,14 +113,16 @@ class Checkpoint:
             h = headers[f]
             e = h.entries.get(name)
             if e is None:
-                raise CheckpointError(f"tensor {name} is listed in {INDEX_FILE} but absent from {f}", path=where)
+                raise CheckpointError(
+                    f"tensor {show_name(name)} is listed in {INDEX_FILE} but absent from {show_name(f)}", path=where
+                )
             self.tensors[name] = TensorInfo(
-                name, e.dtype, e.shape, f, h.data_start + e.begin, e.nbytes, parse_name(name)
+                name, e.dtype, e.shape, f, h.data_start + e.begin, e.nbytes, _parse_untrusted_name(name, f"{where}/{f}")
             )
         for f, h in headers.items():
             for name in h.entries:
                 if name not in weight_map:
-                    self.problems.append(Problem("unindexed", name, f, f"{name} is in {f} but not in the index (ignored)"))
+                    self.problems.append(Problem("unindexed", name, f, f"{show_name(name)} is in {show_name(f)} but not in the index (ignored)"))
         self._check_scales()
 
     def _read_header(self, f: str):
@@ -150,16 +144,16 @@ class Checkpoint:
             if t.parsed.is_scale:
                 w = self.tensors.get(t.parsed.weight_name)
                 if w is None:
-                    self.problems.append(Problem("orphan_scale", name, t.file, f"{name} has no weight {t.parsed.weight_name}"))
+                    self.problems.append(Problem("orphan_scale", name, t.file, f"{show_name(name)} in {show_name(t.file)} has no weight {show_name(t.parsed.weight_name)}"))
                 elif t.dtype != "F32":
-                    self.problems.append(Problem("scale_dtype", name, t.file, f"{name} is {t.dtype}, expected F32"))
+                    self.problems.append(Problem("scale_dtype", name, t.file, f"{show_name(name)} in {show_name(t.file)} is {t.dtype}, expected F32"))
                 elif len(w.shape) != 2 or t.shape != fp8.scale_grid_shape(w.shape):
                     expected = list(fp8.scale_grid_shape(w.shape)) if len(w.shape) == 2 else "a 2-D weight"
                     self.problems.append(
-                        Problem("scale_shape", name, t.file, f"{name} is {list(t.shape)} but weight {list(w.shape)} needs {expected}")
+                        Problem("scale_shape", name, t.file, f"{show_name(name)} in {show_name(t.file)} is {list(t.shape)} but weight {list(w.shape)} needs {expected}")
                     )
             elif t.dtype == "F8_E4M3" and scale_name_or_none(name) not in self.tensors:
-                self.problems.append(Problem("missing_scale", name, t.file, f"FP8 weight {name} has no {scale_name_or_none(name)}"))
+                self.problems.append(Problem("missing_scale", name, t.file, f"FP8 weight {show_name(name)} in {show_name(t.file)} has no {show_name(str(scale_name_or_none(name)))}"))
 
     # -- queries ---------------------------------------------------------------------
 
@@ -217,6 +211,14 @@ class Checkpoint:
 
     def read_many(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         return {n: self.read(n) for n in names}
+
+
+def _parse_untrusted_name(name: str, where: str) -> TensorName:
+    # parse_name turns digit runs into ints; a 5000-digit layer number raises ValueError.
+    try:
+        return parse_name(name)
+    except ValueError:
+        raise CheckpointError(f"tensor name {show_name(name)} has an impossible layer or expert number", path=where) from None
 
 
 def scale_name_or_none(name: str) -> str | None:

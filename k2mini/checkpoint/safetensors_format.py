@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 import os
 import struct
 from collections.abc import Iterable, Iterator
@@ -78,20 +79,47 @@ def read_header_length(prefix: bytes, *, where: str, file_size: int) -> int:
     return n
 
 
-def parse_header(raw: bytes, *, where: str, file_size: int) -> ShardHeader:
-    """Validate a header completely: every tensor fits, nothing overlaps, sizes agree."""
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # json.loads keeps the last of two equal keys silently; another parser may keep the
+    # first, so a duplicated tensor name could mean different data to different tools.
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def load_json_object(raw: bytes, *, what: str, where: str) -> dict[str, object]:
+    """Parse untrusted JSON (a header, an index, a config) into a dict, or raise CheckpointError.
+
+    Covers what ``json.loads`` lets escape as other exceptions: non-UTF-8 bytes, nesting deep
+    enough to raise RecursionError, integers too long to convert, and duplicate keys.
+    """
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise CheckpointError(f"header is not UTF-8 ({exc.reason} at byte {exc.start})", path=where) from None
+        raise CheckpointError(f"{what} is not UTF-8 ({exc.reason} at byte {exc.start})", path=where) from None
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except RecursionError:
-        raise CheckpointError("header JSON is nested too deeply", path=where) from None
+        raise CheckpointError(f"{what} JSON is nested too deeply", path=where) from None
+    except _DuplicateKey as exc:
+        raise CheckpointError(f"{what} has the key {str(exc)[:200]!r} twice", path=where) from None
     except ValueError as exc:
-        raise CheckpointError(f"header is not valid JSON ({exc})", path=where) from None
+        raise CheckpointError(f"{what} is not valid JSON ({str(exc)[:200]})", path=where) from None
     if not isinstance(obj, dict):
-        raise CheckpointError("header is not a JSON object", path=where)
+        raise CheckpointError(f"{what} is not a JSON object", path=where)
+    return obj
+
+
+def parse_header(raw: bytes, *, where: str, file_size: int) -> ShardHeader:
+    """Validate a header completely: every tensor fits, nothing overlaps, sizes agree."""
+    obj = load_json_object(raw, what="header", where=where)
     data_start = 8 + len(raw)
     data_size = file_size - data_start
     metadata: dict[str, str] = {}
@@ -107,29 +135,43 @@ def parse_header(raw: bytes, *, where: str, file_size: int) -> ShardHeader:
     prev_end, prev_name = 0, None
     for begin, end, name in spans:
         if begin < prev_end:
-            raise CheckpointError(f"tensor {name} overlaps tensor {prev_name}", path=where)
+            raise CheckpointError(f"tensor {show_name(name)} overlaps tensor {show_name(prev_name)}", path=where)
         prev_end, prev_name = end, name
     if prev_end > data_size:
         raise CheckpointError(
-            f"truncated: tensor {prev_name} ends at data byte {prev_end} but the file holds {max(data_size, 0)} data bytes",
+            f"truncated: tensor {show_name(prev_name)} ends at data byte {prev_end} but the file holds {max(data_size, 0)} data bytes",
             path=where,
         )
     return ShardHeader(entries=entries, metadata=metadata, data_start=data_start)
 
 
+def show_name(name: str, limit: int = 160) -> str:
+    """A tensor or file name from an untrusted file, made safe for a one-line message."""
+    if name.isprintable() and len(name) <= limit:
+        return name
+    r = repr(name)
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
+def _short(value: object) -> str:
+    # reprlib bounds the work and the text for huge or deeply nested values.
+    return reprlib.repr(value)
+
+
 def _parse_entry(name: str, spec: object, where: str) -> HeaderEntry:
+    name_s = show_name(name)
     if not isinstance(spec, dict):
-        raise CheckpointError(f"tensor {name}: header entry is not an object", path=where)
+        raise CheckpointError(f"tensor {name_s}: header entry is not an object", path=where)
     dtype = spec.get("dtype")
-    if dtype not in DTYPES:
-        raise CheckpointError(f"tensor {name}: unknown dtype {dtype!r}", path=where)
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise CheckpointError(f"tensor {name_s}: unknown dtype {_short(dtype)}", path=where)
     shape = spec.get("shape")
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_RANK
         or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
     ):
-        raise CheckpointError(f"tensor {name}: invalid shape {shape!r}", path=where)
+        raise CheckpointError(f"tensor {name_s}: invalid shape {_short(shape)}", path=where)
     offsets = spec.get("data_offsets")
     if (
         not isinstance(offsets, list)
@@ -137,11 +179,11 @@ def _parse_entry(name: str, spec: object, where: str) -> HeaderEntry:
         or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o < 2**62 for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise CheckpointError(f"tensor {name}: invalid data_offsets {offsets!r}", path=where)
+        raise CheckpointError(f"tensor {name_s}: invalid data_offsets {_short(offsets)}", path=where)
     expected = math.prod(shape) * DTYPES[dtype][1]
     if offsets[1] - offsets[0] != expected:
         raise CheckpointError(
-            f"tensor {name}: data_offsets span {offsets[1] - offsets[0]} bytes but {dtype}{shape} needs {expected}",
+            f"tensor {name_s}: data_offsets span {offsets[1] - offsets[0]} bytes but {dtype}{shape} needs {expected}",
             path=where,
         )
     return HeaderEntry(name, dtype, tuple(shape), offsets[0], offsets[1])

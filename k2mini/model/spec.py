@@ -8,6 +8,7 @@ fixtures of any size.
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,53 @@ _INT_FIELDS = {
     "qk_rope_head_dim": (0, 1 << 12),
     "v_head_dim": (1, 1 << 12),
 }
+
+
+# Optional fields (None or absent means the default) and their ranges; bounds may name
+# another field. Each feeds a range(), a tensor shape or a tensor view somewhere.
+_OPTIONAL_INT_FIELDS = {
+    "first_k_dense_replace": (0, "num_hidden_layers"),
+    "moe_layer_freq": (0, "num_hidden_layers"),
+    "n_shared_experts": (0, 64),
+    "n_group": (0, "n_routed_experts"),
+    "topk_group": (0, "n_group"),
+    "num_nextn_predict_layers": (0, 16),
+}
+# Expected-tensor count grows with layers x experts; K2 has 61 x 384. Far beyond that is an
+# attack on the tools that enumerate every expected tensor (inspect, validate, plans).
+_MAX_LAYER_EXPERTS = 1 << 22
+
+
+def _check_derived_fields(cfg: dict[str, Any]) -> None:
+    def bound(b: int | str) -> int:
+        return b if isinstance(b, int) else int(cfg.get(b) or 1)
+
+    for key, (lo, hi) in _OPTIONAL_INT_FIELDS.items():
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or not bound(lo) <= v <= bound(hi):
+            raise CheckpointError(f"config.json: {key}={reprlib.repr(v)} is not an integer in [{bound(lo)}, {bound(hi)}]")
+    n_group = cfg.get("n_group") or 1
+    if cfg["n_routed_experts"] % n_group:
+        raise CheckpointError(f"config.json: n_routed_experts={cfg['n_routed_experts']} is not divisible by n_group={n_group}")
+    if cfg["num_experts_per_tok"] > cfg["n_routed_experts"]:
+        raise CheckpointError(
+            f"config.json: num_experts_per_tok={cfg['num_experts_per_tok']} exceeds n_routed_experts={cfg['n_routed_experts']}"
+        )
+    if cfg["num_hidden_layers"] * cfg["n_routed_experts"] > _MAX_LAYER_EXPERTS:
+        raise CheckpointError(
+            f"config.json: {cfg['num_hidden_layers']} layers x {cfg['n_routed_experts']} experts exceeds {_MAX_LAYER_EXPERTS}"
+        )
+    qc = cfg.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise CheckpointError(f"config.json: quantization_config must be an object, not {type(qc).__name__}")
+    if isinstance(qc, dict) and not isinstance(qc.get("weight_block_size", []), list):
+        raise CheckpointError(f"config.json: weight_block_size={reprlib.repr(qc.get('weight_block_size'))} is not a list")
+    for key in ("rope_theta", "rms_norm_eps", "routed_scaling_factor"):
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e12):
+            raise CheckpointError(f"config.json: {key}={reprlib.repr(v)} is not a positive finite number")
 
 
 @dataclass(frozen=True)
@@ -84,6 +132,7 @@ class ModelSpec:
             v = cfg.get(key)
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
                 raise CheckpointError(f"config.json: {key}={v!r} is missing or outside [{lo}, {hi}]")
+        _check_derived_fields(cfg)
         q_lora = cfg.get("q_lora_rank")
         if q_lora is not None and (not isinstance(q_lora, int) or not 1 <= q_lora <= 1 << 16):
             raise CheckpointError(f"config.json: q_lora_rank={q_lora!r} is outside [1, 65536]")
