@@ -11,6 +11,7 @@ from k2mini import __version__
 from k2mini.commands.analyze import analyze_cmd
 from k2mini.commands.fixture import fixture_cmd
 from k2mini.commands.inspect import inspect_cmd
+from k2mini.commands.quantize import quantize_cmd
 from k2mini.errors import K2MiniError
 
 
@@ -62,6 +63,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 cli.add_command(inspect_cmd)
+cli.add_command(quantize_cmd)
 cli.add_command(fixture_cmd)
 cli.add_command(analyze_cmd)
 

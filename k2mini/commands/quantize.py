@@ -1,0 +1,51 @@
+"""``k2mini quantize``: INT8 / INT4 weight-only checkpoint from a BF16 output or FP8 source."""
+
+from __future__ import annotations
+
+import click
+
+from k2mini.quantize.formats import FORMATS
+
+
+@click.command("quantize")
+@click.argument("source")
+@click.option("--bits", type=int, required=True, help="4 or 8.")
+@click.option("--group-size", type=int, default=None,
+              help="Columns per scale: 32, 64 or 128 (compressed-tensors only). Default: 128 for INT4, one scale per output channel for INT8.")
+@click.option("--format", "fmt", default="compressed-tensors", show_default=True, help=f"One of: {', '.join(FORMATS)}.")
+@click.option("--ignore", multiple=True, metavar="PATTERN",
+              help="Keep matching modules BF16 (repeatable): a module name or re:REGEX, compressed-tensors syntax. "
+                   "Router (mlp.gate), lm_head, embeddings and norms always stay BF16.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="New output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report summary as JSON on stdout.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def quantize_cmd(source: str, bits: int, group_size: int | None, fmt: str, ignore: tuple[str, ...], output: str,
+                 as_json: bool, quiet: bool) -> None:
+    """Quantize the linear weights of SOURCE (a converted BF16 output or a K2 FP8 source;
+    FP8 is dequantized per tensor) to INT4 or INT8, one tensor at a time, into OUTPUT.
+
+    The default format, compressed-tensors pack-quantized, stores every projection
+    including the routed experts as integers and loads in transformers and vLLM. bnb and
+    quanto leave the routed experts BF16 (transformers' integrations replace nn.Linear only)
+    and say how much. quantization_report.json in OUTPUT lists each tensor's relative error
+    ||W - dequant(Q(W))|| / ||W|| and the bytes before and after.
+
+    \b
+    Examples:
+      k2mini quantize ./k2-mini-24x16 --bits 4 -o ./k2-mini-24x16-int4
+      k2mini quantize ./k2-mini-24x16 --bits 8 -o ./k2-mini-24x16-int8
+      k2mini quantize ./k2-mini-24x16 --bits 4 --group-size 32 --ignore 're:.*self_attn.*' -o ./int4-g32
+      k2mini quantize ./k2-mini-24x16 --bits 4 --format bnb -o ./k2-mini-bnb4
+    """
+    import json
+
+    from k2mini.quantize.run import QuantOptions, quantize_checkpoint
+
+    report = quantize_checkpoint(source, output, QuantOptions(bits, group_size, fmt, tuple(ignore)), progress=not quiet)
+    if report.warning:
+        click.echo(f"k2mini: warning: {report.warning}", err=True)
+    if as_json:
+        click.echo(json.dumps(report.model_dump(exclude={"tensors"}), indent=2))
+    else:
+        click.echo(report.summary())
+        click.echo(f"wrote {output} (report: {output}/quantization_report.json)")
