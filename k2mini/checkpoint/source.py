@@ -11,7 +11,7 @@ import threading
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from k2mini.errors import CheckpointError
+from k2mini.errors import CheckpointError, UsageError
 
 
 class Source(Protocol):
@@ -35,6 +35,24 @@ def check_relative(rel: str, *, where: str) -> PurePosixPath:
     if not rel or p.is_absolute() or ".." in p.parts or "\\" in rel or ":" in rel or "\x00" in rel:
         raise CheckpointError(f"file name {rel!r} points outside the checkpoint directory", path=where)
     return p
+
+
+def refuse_output_inside(source: str | os.PathLike, output: str | os.PathLike, *, flag: str) -> None:
+    """Refuse an output path inside a local source, or one that contains the source.
+
+    Writing inside the source would modify it (and a later run would read our files as part
+    of the checkpoint); an output that contains the source could be cleaned up or replaced
+    together with it. Symlinks are resolved on both sides. A source that is not a local
+    directory (a Hub repo id) cannot overlap a local output.
+    """
+    src = Path(source)
+    if not src.is_dir():
+        return
+    src, out = src.resolve(), Path(output).resolve()
+    if out == src or src in out.parents:
+        raise UsageError(f"{flag} {output} is inside the source checkpoint {src}; choose a path outside it")
+    if out in src.parents:
+        raise UsageError(f"{flag} {output} contains the source checkpoint {src}; choose a path outside it")
 
 
 class LocalSource:

@@ -63,6 +63,7 @@ def analyze_cmd(source, output, calib, samples, seq_len, seed, nll, nll_samples,
     from k2mini.analysis.report import render_summary, save_plots
     from k2mini.analysis.tokenizer import load_tokenizer
     from k2mini.checkpoint.reader import Checkpoint
+    from k2mini.checkpoint.source import refuse_output_inside
 
     if nll_samples < 1:
         raise UsageError("--nll-samples must be >= 1")
@@ -73,6 +74,8 @@ def analyze_cmd(source, output, calib, samples, seq_len, seed, nll, nll_samples,
     calib_set = build_calibration(load_tokenizer(ck), list(calib) or None, samples=samples, seq_len=seq_len, seed=seed)
     opts = AnalyzeOptions(nll=nll, nll_samples=nll_samples, weight_norms=weight_norms, memory_budget=budget, progress=not quiet)
     work = work_dir or output.with_name(output.name + ".work")
+    for path, flag in ((output, "--output"), (work, "--work-dir")):
+        refuse_output_inside(source, path, flag=flag)  # robustness: never write into the source
     result = analyze(ck, calib_set, opts, work_dir=work, resume=resume)
 
     output.parent.mkdir(parents=True, exist_ok=True)

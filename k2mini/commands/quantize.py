@@ -39,8 +39,10 @@ def quantize_cmd(source: str, bits: int, group_size: int | None, fmt: str, ignor
     """
     import json
 
+    from k2mini.checkpoint.source import refuse_output_inside
     from k2mini.quantize.run import QuantOptions, quantize_checkpoint
 
+    refuse_output_inside(source, output, flag="--output")  # robustness: never write into the source
     report = quantize_checkpoint(source, output, QuantOptions(bits, group_size, fmt, tuple(ignore)), progress=not quiet)
     if report.warning:
         click.echo(f"k2mini: warning: {report.warning}", err=True)
