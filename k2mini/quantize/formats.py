@@ -67,6 +67,9 @@ class OutputFormat:
     def quantizes(self, parsed: TensorName, shape: tuple[int, ...]) -> bool:
         return is_linear_weight(parsed, shape) and not is_ignored(parsed.name, self.all_ignore)
 
+    def granularity(self) -> str:
+        return "one scale per output channel" if self.group_size is None else f"one scale per {self.group_size} columns"
+
     def held_as_int(self, parsed: TensorName, shape: tuple[int, ...]) -> bool:
         """Whether a loader ends up holding this weight as integers (on disk or after load)."""
         return self.quantizes(parsed, shape)
@@ -180,7 +183,7 @@ class BnbFormat(_LinearOnly):
         n = parsed.name
         numel = math.prod(shape)
         if self.bits == 8:
-            return [PlannedTensor(n, "I8", shape), PlannedTensor(f"{n}.SCB", "F32", (shape[0],))]
+            return [PlannedTensor(n, "I8", shape), PlannedTensor(f"{module_of(n)}.SCB", "F32", (shape[0],))]
         state = self._nf4_state(shape)
         return [
             PlannedTensor(n, "U8", ((numel + 1) // 2, 1)),
@@ -188,6 +191,9 @@ class BnbFormat(_LinearOnly):
             PlannedTensor(f"{n}.quant_map", "F32", (16,)),
             PlannedTensor(f"{n}.quant_state.bitsandbytes__nf4", "U8", (len(state),)),
         ]
+
+    def granularity(self) -> str:
+        return "LLM.int8 row-wise scales" if self.bits == 8 else "nf4, blocks of 64"
 
     @staticmethod
     def _nf4_state(shape) -> bytes:
@@ -234,6 +240,9 @@ class QuantoFormat(_LinearOnly):
 
     def quantizes(self, parsed, shape):
         return False  # nothing is stored as integers
+
+    def granularity(self) -> str:
+        return "quantized by transformers at load time"
 
     def plan(self, parsed, in_dtype, shape):
         return _plain(parsed.name, in_dtype, shape)

@@ -31,6 +31,7 @@ class QuantReport(BaseModel):
     format: str
     bits: int
     group_size: int | None  # None: one scale per output channel
+    granularity: str  # what one scale covers, in words
     ignore: list[str]
     tensors: list[TensorReport]
     bytes_in: int
@@ -53,7 +54,7 @@ class QuantReport(BaseModel):
     def summary(self) -> str:
         mib = 2**20
         lines = [
-            f"{self.format} INT{self.bits} ({'channel' if self.group_size is None else f'group {self.group_size}'}): "
+            f"{self.format} INT{self.bits} ({self.granularity}): "
             f"{self.bytes_bf16 / mib:.1f} MiB as BF16 -> {self.bytes_out / mib:.1f} MiB "
             f"(input {self.bytes_in / mib:.1f} MiB)",
             f"integer share: {100 * self.int_byte_share_linear:.2f}% of linear-weight bytes, "

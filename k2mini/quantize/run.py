@@ -165,6 +165,7 @@ def build_report(src: str, out: str, opts: QuantOptions, fmt: OutputFormat, jobs
         format=opts.format,
         bits=opts.bits,
         group_size=opts.group_size,
+        granularity=fmt.granularity(),
         ignore=list(fmt.all_ignore),
         tensors=records,
         bytes_in=sum(r.bytes_in for r in records),
