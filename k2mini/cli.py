@@ -12,7 +12,6 @@ from k2mini.commands.analyze import analyze_cmd
 from k2mini.commands.fixture import fixture_cmd
 from k2mini.commands.inspect import inspect_cmd
 from k2mini.commands.quantize import quantize_cmd
-from k2mini.commands.run import run_cmd
 from k2mini.commands.validate import validate_cmd
 from k2mini.errors import K2MiniError
 
@@ -68,7 +67,6 @@ cli.add_command(inspect_cmd)
 cli.add_command(quantize_cmd)
 cli.add_command(fixture_cmd)
 cli.add_command(analyze_cmd)
-cli.add_command(run_cmd)
 cli.add_command(validate_cmd)
 
 
