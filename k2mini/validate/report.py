@@ -1,0 +1,185 @@
+"""The validation report: what each check found, as one pydantic object (JSON on demand)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Severity = Literal["error", "warning", "info"]
+ENGINES = ("transformers", "vLLM", "SGLang")
+
+
+class Finding(BaseModel):
+    check: str  # stable id, e.g. "tensor.missing", "config.experts_per_tok"
+    severity: Severity
+    message: str
+    tensor: str | None = None
+    breaks: list[str] = Field(default_factory=list)  # engines this makes fail or compute garbage
+
+    def line(self) -> str:
+        where = f" [breaks {', '.join(self.breaks)}]" if self.breaks else ""
+        return f"{self.severity.upper()}: {self.message}{where}"
+
+
+class StaticReport(BaseModel):
+    format: str  # bf16 / fp8 / compressed-tensors int4 g128 / ...
+    tensors: int
+    tensors_scanned: int  # tensors whose values were read (0 with --no-scan)
+    bytes_scanned: int
+    seconds: float
+    findings: list[Finding]
+
+
+class KVCache(BaseModel):
+    context: int
+    batch: int
+    dtype_bytes: int
+    latent_bytes_per_token: int  # all layers: (kv_lora_rank + qk_rope_head_dim) per layer (vLLM/SGLang MLA)
+    expanded_bytes_per_token: int  # all layers: heads * (qk_head_dim + v_head_dim) per layer
+    latent_bytes: int
+    expanded_bytes: int
+
+
+class MemoryPlan(BaseModel):
+    gpu: str
+    memory_bytes: int
+    reserved_bytes: int
+    params: int
+    weights_source: Literal["headers", "config"]
+    weights_by_dtype: dict[str, int]  # bytes as stored (what vLLM keeps resident)
+    weights_bytes: int
+    transformers_weights_bytes: int  # after transformers decompresses what it cannot keep packed
+    kv: KVCache
+    activation_bytes: int
+    activation_formula: str
+    needed_latent_bytes: int  # weights + latent KV + activations + reserved
+    needed_expanded_bytes: int  # transformers weights + expanded KV + activations + reserved
+    fits_latent: bool
+    fits_expanded: bool
+    notes: list[str] = Field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.fits_latent
+
+
+class ModuleStat(BaseModel):
+    module: str
+    max_abs: float
+    nonfinite: int
+
+
+class RouterStat(BaseModel):
+    layer: int
+    tokens: int
+    experts: int
+    indices_in_range: bool
+    experts_hit: int
+    max_load_share: float  # busiest expert's share of all assignments
+    load_cv: float  # coefficient of variation of per-expert load
+
+
+class RunReport(BaseModel):
+    device: str
+    dtype: str
+    load_seconds: float
+    peak_memory_bytes: int | None  # torch.cuda.max_memory_allocated on CUDA; None on CPU
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+    mismatched_keys: list[str]
+    tokens: int
+    layers: list[ModuleStat]  # one per decoder layer (its output)
+    first_nonfinite: str | None  # "model.layers.3.mlp.experts" = first module (execution order)
+    routers: list[RouterStat]
+    generated_text: str | None
+    generated_tokens: int
+    findings: list[Finding]
+
+
+class ReferenceReport(BaseModel):
+    source: str
+    tokens: int
+    kl_mean: float  # KL(source || reduced), nats per token
+    kl_p95: float
+    kl_max: float
+    top1_agreement: float
+    ppl_source: float
+    ppl_reduced: float
+    findings: list[Finding]
+
+
+class ValidationReport(BaseModel):
+    output: str
+    checks: list[str]
+    static: StaticReport | None = None
+    memory: MemoryPlan | None = None
+    run: RunReport | None = None
+    reference: ReferenceReport | None = None
+    passed: bool = False
+
+    def findings(self) -> list[Finding]:
+        out: list[Finding] = []
+        for part in (self.static, self.run, self.reference):
+            if part is not None:
+                out.extend(part.findings)
+        return out
+
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings() if f.severity == "error"]
+
+    def decide(self) -> ValidationReport:
+        self.passed = not self.errors() and (self.memory is None or self.memory.fits)
+        return self
+
+    def summary(self) -> str:
+        gib = 1 << 30
+        lines = [f"validate {self.output}"]
+        if self.static:
+            s = self.static
+            lines.append(f"static: {s.format}, {s.tensors} tensors, {s.tensors_scanned} scanned "
+                         f"({s.bytes_scanned / gib:.2f} GiB) in {s.seconds:.1f} s")
+        if self.memory:
+            m = self.memory
+            kv = m.kv
+            lines.append(
+                f"memory plan for {m.gpu} ({m.memory_bytes / gib:.1f} GiB, {m.reserved_bytes / gib:.1f} reserved): "
+                f"{m.params / 1e9:.3f} B params, weights {m.weights_bytes / gib:.2f} GiB "
+                f"({', '.join(f'{k} {v / gib:.2f}' for k, v in sorted(m.weights_by_dtype.items()))})"
+            )
+            lines.append(
+                f"  KV cache at {kv.context} tokens x batch {kv.batch}: MLA latent {kv.latent_bytes / gib:.2f} GiB, "
+                f"expanded per-head {kv.expanded_bytes / gib:.2f} GiB; activations {m.activation_bytes / gib:.2f} GiB"
+            )
+            lines.append(
+                f"  latent cache (vLLM/SGLang): needs {m.needed_latent_bytes / gib:.2f} GiB -> "
+                f"{'FITS' if m.fits_latent else 'DOES NOT FIT'}; expanded cache + transformers weights: "
+                f"{m.needed_expanded_bytes / gib:.2f} GiB -> {'fits' if m.fits_expanded else 'does not fit'}"
+            )
+            lines.extend(f"  note: {n}" for n in m.notes)
+        if self.run:
+            r = self.run
+            peak = f", peak GPU memory {r.peak_memory_bytes / gib:.2f} GiB" if r.peak_memory_bytes is not None else ""
+            top = max(r.layers, key=lambda m: m.max_abs) if r.layers else None
+            lines.append(
+                f"run on {r.device} ({r.dtype}): loaded in {r.load_seconds:.1f} s{peak}; {r.tokens} tokens; "
+                + (f"largest activation {top.max_abs:.3g} at {top.module}; " if top else "")
+                + (f"first NaN/Inf at {r.first_nonfinite}" if r.first_nonfinite else "no NaN/Inf")
+            )
+            if r.routers:
+                worst = max(r.routers, key=lambda x: x.max_load_share)
+                lines.append(f"  routers: {len(r.routers)} MoE layers, indices in range: "
+                             f"{all(x.indices_in_range for x in r.routers)}, busiest expert share {worst.max_load_share:.2f} (layer {worst.layer})")
+            if r.generated_text is not None:
+                lines.append(f"  greedy generation ({r.generated_tokens} tokens): {r.generated_text!r}")
+        if self.reference:
+            f = self.reference
+            lines.append(
+                f"vs source {f.source}: {f.tokens} tokens, KL(source||reduced) mean {f.kl_mean:.4g} p95 {f.kl_p95:.4g} "
+                f"max {f.kl_max:.4g} nats, top-1 agreement {f.top1_agreement:.3f}, "
+                f"perplexity source {f.ppl_source:.3f} reduced {f.ppl_reduced:.3f}"
+            )
+        for finding in self.findings():
+            lines.append(finding.line())
+        lines.append("PASS" if self.passed else "FAIL")
+        return "\n".join(lines)

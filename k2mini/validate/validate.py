@@ -1,0 +1,76 @@
+"""``validate(out, options)``: the requested checks, in order, into one ValidationReport."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from k2mini.checkpoint.reader import Checkpoint
+from k2mini.errors import UsageError
+from k2mini.validate.report import ValidationReport
+
+CHECKS = ("static", "scan", "memory", "run")
+
+
+@dataclass(frozen=True)
+class ValidateOptions:
+    gpu: str | None = "h100"
+    context: int = 4096
+    batch: int = 1
+    device: str = "auto"
+    dtype: str = "auto"
+    reference: str | None = None
+    skip: tuple[str, ...] = ()
+    samples: int = 4
+    seq_len: int = 128
+    max_new_tokens: int = 16
+    max_kl: float | None = None
+    progress: bool = False
+
+    def check(self) -> None:
+        for s in self.skip:
+            if s not in CHECKS:
+                raise UsageError(f"--skip {s}: unknown check (choose from {', '.join(CHECKS)})")
+        if self.context < 1 or self.batch < 1:
+            raise UsageError("--context and --batch must be positive")
+        if self.samples < 1 or self.seq_len < 2:
+            raise UsageError("--samples must be >= 1 and --seq-len >= 2")
+        if self.reference is not None and "run" in self.skip:
+            raise UsageError("--reference needs the run check (it compares the loaded model); drop --skip run")
+
+    def requested(self) -> list[str]:
+        out = [c for c in ("static", "scan") if c not in self.skip]
+        if self.gpu and "memory" not in self.skip:
+            out.append("memory")
+        if "run" not in self.skip:
+            out.append("run")
+        if self.reference:
+            out.append("reference")
+        return out
+
+
+def validate(out: str | Path, opts: ValidateOptions) -> ValidationReport:
+    from k2mini.validate.gpus import load_profile
+    from k2mini.validate.memory import memory_plan
+    from k2mini.validate.static import run_static
+
+    opts.check()
+    profile = load_profile(opts.gpu) if opts.gpu and "memory" not in opts.skip else None
+    ck = Checkpoint.open(out)
+    report = ValidationReport(output=str(out), checks=opts.requested())
+    if "static" not in opts.skip or "scan" not in opts.skip:
+        report.static = run_static(ck, scan="scan" not in opts.skip, progress=opts.progress)
+    if profile is not None:
+        report.memory = memory_plan(ck.config, profile, context=opts.context, batch=opts.batch, ck=ck)
+    if "run" not in opts.skip:
+        from k2mini.validate.runcheck import run_checks
+
+        report.run, model, ids = run_checks(out, ck, device=opts.device, dtype=opts.dtype, n_seqs=opts.samples,
+                                            seq_len=opts.seq_len, max_new_tokens=opts.max_new_tokens)
+        if opts.reference and model is not None:
+            from k2mini.validate.reference import compare_with_source
+
+            device = next(model.parameters()).device
+            report.reference = compare_with_source(opts.reference, model, ck, ids, device=str(device),
+                                                   max_kl=opts.max_kl, progress=opts.progress)
+    return report.decide()
