@@ -1,0 +1,1 @@
+"""convert / convert-fast: a Plan in, a reduced Hugging Face checkpoint out."""

@@ -1,0 +1,73 @@
+"""README.md model card for a reduced checkpoint: provenance, the plan, how to load it, and
+what it does not promise. Deterministic (no dates) so identical runs give identical files."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from k2mini.selection.plan import Plan
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def model_card(cfg: dict[str, Any], plan: Plan, *, params: int, total_size: int, src_layers: int, src_experts: int) -> str:
+    k = cfg["k2mini"]
+    layers = ", ".join(map(str, plan.layers))
+    expert_rows = "\n".join(
+        f"| {i} | {e.source_layer} | {', '.join(map(str, e.kept))} |"
+        for i, e in ((plan.layers.index(e.source_layer), e) for e in plan.experts)
+    )
+    notes = "\n".join(f"- {n}" for n in plan.notes) or "- none"
+    quant = cfg.get("quantization_config")
+    dtype_line = (f"FP8 e4m3 block-scaled weights copied bit for bit from the source (`quantization_config` kept)"
+                  if k["dtype"] == "fp8" else
+                  f"`{k['dtype']}` weights" + ("" if quant is None else f" (`quantization_config`: {quant.get('quant_method', quant.get('format', '?'))})"))
+    return f"""---
+library_name: transformers
+tags:
+- k2mini
+- moe
+- pruned
+- deepseek_v3
+---
+
+# Reduced checkpoint made with k2mini {k['tool_version']}
+
+This is a **pruned** version of `{k['source']}`: {len(plan.layers)} of {src_layers} decoder layers and
+{cfg['n_routed_experts']} of {src_experts} routed experts per MoE layer, {_fmt_params(params)} parameters,
+{total_size / 1e9:.2f} GB of tensors, {dtype_line}. It has not been retrained ("healed"):
+expect lower quality than the source, and measure it on your task before relying on it
+(`k2mini validate OUT --reference SOURCE`).
+
+It loads natively as `model_type: deepseek_v3` (no remote code):
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("path/to/this/dir")
+```
+
+## Selection
+
+| | |
+|---|---|
+| layer strategy | `{plan.layer_strategy}` |
+| expert strategy | `{plan.expert_strategy}` |
+| routing groups | `{plan.group_policy}` (n_group {cfg.get('n_group')}, topk_group {cfg.get('topk_group')}) |
+| experts per token | {cfg['num_experts_per_tok']} |
+| analysis | {('`' + plan.analysis + '`') if plan.analysis else 'none'} |
+| source config sha256 | `{k['source_config_sha256']}` |
+
+Kept source layers, in order: {layers}.
+
+| output layer | source layer | kept source experts (output expert i = i-th listed) |
+|---|---|---|
+{expert_rows}
+
+Notes:
+{notes}
+
+The full plan is in `plan.json` (replay it with `k2mini convert --plan plan.json`); the same
+provenance is in the `k2mini` block of `config.json`.
+"""

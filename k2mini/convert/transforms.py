@@ -1,0 +1,154 @@
+"""What becomes of each selected source tensor: the hook between selection and the writer.
+
+A ``TensorJob`` names one source tensor (a weight, never a scale grid), its output name and,
+for routers, the rows to keep. A ``Transform`` declares the output tensors of a job before
+anything is read (so the writer can lay out shards and check free disk), produces them
+when the writer asks, and rewrites the config for the weights it emits::
+
+    class MyTransform(Transform):
+        name = "int4"
+        def plan(self, ck, job) -> tuple[PlannedTensor, ...]: ...
+        def produce(self, ck, job) -> Sequence[torch.Tensor]: ...   # same order as plan()
+        def update_config(self, cfg: dict) -> dict: ...
+        def key(self) -> str: ...   # options that change the bytes (resume fingerprint)
+
+    register_transform("int4", lambda **opts: MyTransform(**opts))
+
+Built in: ``bf16`` (FP8 projections dequantized block by block, everything else as
+stored) and ``fp8`` (FP8 bytes and scale grids copied untouched, quantization_config kept).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from k2mini.checkpoint.names import scale_name
+from k2mini.checkpoint.reader import Checkpoint
+from k2mini.checkpoint.safetensors_format import DTYPES, PlannedTensor
+from k2mini.errors import UsageError
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    source: str  # source tensor name (a weight or buffer, never a scale grid)
+    output: str  # name in the output checkpoint
+    rows: tuple[int, ...] | None = None  # keep only these rows, in this order (router weight / bias)
+
+
+def out_shape(ck: Checkpoint, job: TensorJob) -> tuple[int, ...]:
+    shape = ck.info(job.source).shape
+    return shape if job.rows is None else (len(job.rows), *shape[1:])
+
+
+def read_selected(ck: Checkpoint, job: TensorJob) -> torch.Tensor:
+    """The job's tensor as stored, reading only the kept rows when ``rows`` is set."""
+    if job.rows is None:
+        return ck.read_raw(job.source)
+    t = ck.info(job.source)
+    row_bytes = t.nbytes // t.shape[0] if t.shape[0] else 0
+    out = torch.empty((len(job.rows), *t.shape[1:]), dtype=DTYPES[t.dtype][0])
+    flat = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+    for i, r in enumerate(job.rows):
+        ck.source.read_into(t.file, t.offset + r * row_bytes, flat[i * row_bytes : (i + 1) * row_bytes])
+    return out
+
+
+def selected_bytes(ck: Checkpoint, job: TensorJob) -> int:
+    """Source bytes this job needs (weight rows kept, plus the scale grid of an FP8 weight)."""
+    t = ck.info(job.source)
+    n = t.nbytes if job.rows is None else (t.nbytes // max(t.shape[0], 1)) * len(job.rows)
+    s = ck.scale_of(job.source) if t.dtype == "F8_E4M3" else None
+    return n + (s.nbytes if s is not None else 0)
+
+
+class Transform:
+    name = "base"
+
+    def plan(self, ck: Checkpoint, job: TensorJob) -> tuple[PlannedTensor, ...]:
+        raise NotImplementedError
+
+    def produce(self, ck: Checkpoint, job: TensorJob) -> Sequence[torch.Tensor]:
+        raise NotImplementedError
+
+    def update_config(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        return cfg
+
+    def check_source(self, ck: Checkpoint) -> None:
+        """Raise UsageError when this transform cannot apply to ``ck``."""
+
+    def key(self) -> str:
+        return self.name
+
+
+class Bf16Transform(Transform):
+    """FP8 weights dequantized to BF16 (bit-exact block formula); other tensors as stored."""
+
+    name = "bf16"
+
+    def plan(self, ck, job):
+        t = ck.info(job.source)
+        dtype = "BF16" if t.dtype == "F8_E4M3" else t.dtype
+        return (PlannedTensor(job.output, dtype, out_shape(ck, job)),)
+
+    def produce(self, ck, job):
+        if ck.is_fp8(job.source):
+            if job.rows is not None:
+                raise ValueError(f"{job.source}: row selection of an FP8 weight is not supported")
+            return (ck.read(job.source),)
+        return (read_selected(ck, job),)
+
+    def update_config(self, cfg):
+        cfg.pop("quantization_config", None)
+        cfg["torch_dtype"] = "bfloat16"
+        return cfg
+
+
+class Fp8Transform(Transform):
+    """FP8 pass-through: weight bytes and scale grids copied untouched (lossless, ~half of BF16)."""
+
+    name = "fp8"
+
+    def check_source(self, ck):
+        qc = ck.config.get("quantization_config") or {}
+        if qc.get("quant_method") != "fp8":
+            raise UsageError(f"--dtype fp8: the source {ck.description} is not an FP8 checkpoint (no fp8 quantization_config); use --dtype bf16")
+
+    def plan(self, ck, job):
+        t = ck.info(job.source)
+        if t.dtype != "F8_E4M3":
+            return (PlannedTensor(job.output, t.dtype, out_shape(ck, job)),)
+        s = ck.scale_of(job.source)
+        if s is None:
+            raise UsageError(f"--dtype fp8: FP8 weight {job.source} has no scale grid in {ck.description}")
+        return (PlannedTensor(job.output, "F8_E4M3", t.shape), PlannedTensor(scale_name(job.output), "F32", s.shape))
+
+    def produce(self, ck, job):
+        if ck.is_fp8(job.source):
+            if job.rows is not None:
+                raise ValueError(f"{job.source}: row selection of an FP8 weight is not supported")
+            return ck.read_fp8(job.source)
+        return (read_selected(ck, job),)
+
+    def update_config(self, cfg):
+        # The source's block-FP8 quantization_config describes these bytes exactly.
+        cfg["torch_dtype"] = "bfloat16"
+        return cfg
+
+
+TRANSFORMS: dict[str, Callable[..., Transform]] = {"bf16": Bf16Transform, "fp8": Fp8Transform}
+
+
+def register_transform(name: str, factory: Callable[..., Transform]) -> None:
+    """Make ``name`` a choice of ``convert --dtype`` (e.g. the quantizer's int4/int8)."""
+    TRANSFORMS[name] = factory
+
+
+def make_transform(name: str, **options) -> Transform:
+    try:
+        return TRANSFORMS[name](**options)
+    except KeyError:
+        raise UsageError(f"--dtype {name}: unknown output type (choose from {', '.join(sorted(TRANSFORMS))})") from None

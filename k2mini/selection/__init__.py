@@ -1,0 +1,1 @@
+"""Which layers and experts a reduced checkpoint keeps: selectors and the Plan they produce."""

@@ -1,0 +1,156 @@
+"""From options (and an analysis) to a checked Plan."""
+
+from __future__ import annotations
+
+from k2mini import __version__
+from k2mini.analysis.schema import Analysis, SourceFingerprint
+from k2mini.checkpoint.reader import Checkpoint
+from k2mini.errors import UsageError
+from k2mini.model.spec import ModelSpec
+from k2mini.selection.context import SelectionContext, SelectOptions
+from k2mini.selection.experts import EXPERT_SCORERS, EXPLICIT, expert_strategies, pick
+from k2mini.selection.layers import LAYER_SELECTORS
+from k2mini.selection.plan import ExpertSelection, Plan, PlanConfig
+
+
+def _explicit_experts(o: SelectOptions, layer: int, E: int) -> list[int]:
+    ke = o.keep_experts
+    if ke is None:
+        raise UsageError("--expert-strategy explicit needs --keep-experts 0,5,9,... (or L:ids;L:ids per layer)")
+    ids = ke.get(layer) if isinstance(ke, dict) else ke
+    if ids is None:
+        raise UsageError(f"--keep-experts: no list for MoE layer {layer}")
+    bad = [i for i in ids if not 0 <= i < E]
+    if bad:
+        raise UsageError(f"--keep-experts: expert {bad[0]} does not exist in layer {layer} (the source has experts 0..{E - 1})")
+    if len(set(ids)) != len(ids):
+        raise UsageError(f"--keep-experts: layer {layer} lists an expert twice")
+    return sorted(ids)
+
+
+def build_plan(
+    ck: Checkpoint,
+    options: SelectOptions,
+    analysis: Analysis | None = None,
+    analysis_path: str | None = None,
+) -> Plan:
+    spec = ModelSpec.from_config(ck.config)
+    o = options
+    L, E, K = spec.num_hidden_layers, spec.n_routed_experts, spec.num_experts_per_tok
+    fingerprint = SourceFingerprint.of(ck)
+    if analysis is not None and not analysis.source.same_weights(fingerprint):
+        raise UsageError(f"--analysis {analysis_path}: computed on another checkpoint ({analysis.source.location}; config or index differ)")
+
+    if o.layer_strategy not in LAYER_SELECTORS:
+        raise UsageError(f"--layer-strategy {o.layer_strategy}: unknown (choose from {', '.join(sorted(LAYER_SELECTORS))})")
+    if o.expert_strategy not in expert_strategies():
+        raise UsageError(f"--expert-strategy {o.expert_strategy}: unknown (choose from {', '.join(expert_strategies())})")
+    if o.keep_layers is not None:
+        bad = [l for l in o.keep_layers if not 0 <= l < L]
+        if bad:
+            raise UsageError(f"--keep-layers: layer {bad[0]} does not exist (the source has layers 0..{L - 1})")
+        if len(set(o.keep_layers)) != len(o.keep_layers):
+            raise UsageError("--keep-layers: a layer is listed twice")
+        if o.layers is not None and o.layers != len(o.keep_layers):
+            raise UsageError(f"--layers {o.layers} disagrees with the {len(o.keep_layers)} layers of --keep-layers")
+    n_layers = o.layers if o.layers is not None else (len(o.keep_layers) if o.keep_layers else L)
+    if n_layers > L:
+        raise UsageError(f"--layers {n_layers} is above the source's {L} layers")
+    if n_layers < 1:
+        raise UsageError(f"--layers {n_layers} is below 1")
+    explicit_n = None
+    if isinstance(o.keep_experts, list):
+        explicit_n = len(o.keep_experts)
+    elif isinstance(o.keep_experts, dict) and o.keep_experts:
+        explicit_n = len(next(iter(o.keep_experts.values())))
+    n_exp = o.experts if o.experts is not None else (explicit_n if o.expert_strategy == EXPLICIT and explicit_n else E)
+    top_k = o.top_k if o.top_k is not None else K
+    if n_exp > E:
+        raise UsageError(f"--experts {n_exp} is above the source's n_routed_experts {E}")
+    if top_k < 1:
+        raise UsageError(f"--top-k {top_k} is below 1")
+    if n_exp < top_k:
+        raise UsageError(
+            f"--experts {n_exp} is below num_experts_per_tok {top_k}; pass --top-k {n_exp} (or lower) to route to fewer experts"
+        )
+
+    ctx = SelectionContext(ck, spec, o, analysis, analysis_path)
+    choice = LAYER_SELECTORS[o.layer_strategy](ctx, n_layers)
+    if len(choice.layers) != n_layers and o.layer_strategy != "explicit":
+        raise AssertionError(f"layer selector {o.layer_strategy} returned {len(choice.layers)} layers for {n_layers}")
+    moe_layers = [l for l in choice.layers if spec.is_moe(l)]
+
+    # Routing groups (DESIGN §4/§6): keep them only with an equal count per group, at least
+    # 2 per group (vLLM falls back to plain top-k otherwise) and enough experts in the
+    # topk_group best groups to fill top-k; else route over all kept experts.
+    G, TG = spec.n_group, spec.topk_group
+    explicit_lists = {l: _explicit_experts(o, l, E) for l in moe_layers} if o.expert_strategy == EXPLICIT else {}
+    counts = {len(v) for v in explicit_lists.values()}
+    if len(counts) > 1:
+        raise UsageError(f"--keep-experts: every MoE layer must keep the same number of experts, got {sorted(counts)}")
+    if counts:
+        n_exp = counts.pop()
+        if o.experts is not None and o.experts != n_exp:
+            raise UsageError(f"--experts {o.experts} disagrees with the {n_exp} experts of --keep-experts")
+        if n_exp < top_k:
+            raise UsageError(f"--keep-experts keeps {n_exp} experts, below num_experts_per_tok {top_k}; pass --top-k to lower it")
+    notes = list(choice.notes or [])
+    if G <= 1:
+        policy, n_group, topk_group = "none", 1, 1
+    else:
+        per = n_exp // G
+        ok = n_exp % G == 0 and per >= 2 and per * TG >= top_k
+        if ok and explicit_lists:
+            size = E // G
+            ok = all([sum(1 for x in v if x // size == g) for g in range(G)] == [per] * G for v in explicit_lists.values())
+        if o.groups == "keep" and not ok:
+            raise UsageError(
+                f"--groups keep: {n_exp} experts cannot be split into {G} routing groups of at least 2 "
+                f"with {TG} groups covering top-k {top_k}; use --groups flatten or --experts a multiple of {G}"
+            )
+        if o.groups == "flatten" or not ok:
+            policy, n_group, topk_group = "flatten", 1, 1
+            notes.append(f"routing groups removed: n_group {G} -> 1, topk_group {TG} -> 1 (plain top-{top_k} over the kept experts)")
+        else:
+            policy, n_group, topk_group = "per-group", G, TG
+            notes.append(f"routing groups kept: {per} experts from each of the {G} groups, topk_group {TG}")
+    group_for_pick = n_group if policy == "per-group" else 1
+
+    experts = []
+    for layer in moe_layers:
+        if explicit_lists:
+            experts.append(ExpertSelection(source_layer=layer, kept=explicit_lists[layer]))
+            continue
+        scores = EXPERT_SCORERS[o.expert_strategy](ctx, layer)
+        experts.append(ExpertSelection(source_layer=layer, kept=pick(scores, n_exp, group_for_pick), scores=scores))
+
+    n_dense = sum(1 for l in choice.layers if not spec.is_moe(l))
+    plan = Plan(
+        tool_version=__version__,
+        source=fingerprint,
+        layer_strategy=o.layer_strategy,
+        expert_strategy=o.expert_strategy,
+        layers=choice.layers,
+        layer_scores=choice.scores,
+        experts=experts,
+        group_policy=policy,
+        config=PlanConfig(
+            num_hidden_layers=len(choice.layers),
+            first_k_dense_replace=n_dense,
+            n_routed_experts=n_exp,
+            num_experts_per_tok=top_k,
+            n_group=n_group,
+            topk_group=topk_group,
+        ),
+        analysis=analysis_path,
+        notes=notes + ctx.notes,
+    )
+    plan.check(spec)
+    return plan
+
+
+def check_plan_source(plan: Plan, ck: Checkpoint, path: str) -> None:
+    """A replayed plan must come from the same weights (a copy or mirror is fine)."""
+    if not plan.source.same_weights(SourceFingerprint.of(ck)):
+        raise UsageError(f"--plan {path}: made for another checkpoint ({plan.source.location}; config or index differ)")
+    plan.check(ModelSpec.from_config(ck.config), where=f"--plan {path}")
