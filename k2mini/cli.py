@@ -10,7 +10,6 @@ import click
 from k2mini import __version__
 from k2mini.commands.analyze import analyze_cmd
 from k2mini.commands.convert import convert_cmd, convert_fast_cmd, demo_cmd
-from k2mini.commands.convert import convert_cmd, convert_fast_cmd, demo_cmd
 from k2mini.commands.fixture import fixture_cmd
 from k2mini.commands.inspect import inspect_cmd
 from k2mini.commands.quantize import quantize_cmd
@@ -72,8 +71,6 @@ cli.add_command(fixture_cmd)
 cli.add_command(analyze_cmd)
 cli.add_command(run_cmd)
 cli.add_command(validate_cmd)
-for _cmd in (convert_cmd, convert_fast_cmd, demo_cmd):
-    cli.add_command(_cmd)
 for _cmd in (convert_cmd, convert_fast_cmd, demo_cmd):
     cli.add_command(_cmd)
 
