@@ -212,3 +212,27 @@ def test_cli_end_to_end_and_bad_input(tiny_fixture, tmp_path):
         assert r.exit_code == 2, (extra, r.output)
         assert msg in r.output and len(r.output.strip().splitlines()) == 1
         assert not dest.exists()
+
+
+def test_tiktoken_source_without_tiktoken_is_one_clear_error(tiny_fixture, tmp_path, monkeypatch):
+    """A K2-style source (tiktoken.model + tokenization_kimi.py, no tokenizer.json) without the
+    tiktoken package: one clear error; the remote code file (which raises if imported) is not run."""
+    import builtins
+    import shutil
+
+    from k2mini.errors import UsageError
+
+    src = tmp_path / "k2"
+    shutil.copytree(tiny_fixture.path, src)
+    (src / "tokenizer.json").unlink()
+    (src / "tiktoken.model").write_text("YQ== 0\nYg== 1\n")
+    real_import = builtins.__import__
+
+    def no_tiktoken(name, *a, **k):
+        if name == "tiktoken":
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_tiktoken)
+    with pytest.raises(UsageError, match="tiktoken.model needs the tiktoken package"):
+        load_tokenizer(Checkpoint.open(src))
