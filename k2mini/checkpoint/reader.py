@@ -19,7 +19,7 @@ import torch
 from k2mini.checkpoint import fp8
 from k2mini.checkpoint.names import TensorName, parse_name, scale_name
 from k2mini.checkpoint.safetensors_format import DTYPES, load_json_object, parse_header, read_header_length, show_name
-from k2mini.checkpoint.source import LocalSource, Source, check_relative
+from k2mini.checkpoint.source import Source, check_relative
 from k2mini.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -67,7 +67,10 @@ class Checkpoint:
 
     @classmethod
     def open(cls, location: str | Path) -> Checkpoint:
-        return cls(LocalSource(location))
+        """A local directory, or a Hub repo id ``org/name[@revision]`` that is not a local path."""
+        from k2mini.checkpoint.hub import open_source  # huggingface_hub only when opening
+
+        return cls(open_source(location))
 
     @property
     def description(self) -> str:

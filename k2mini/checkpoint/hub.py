@@ -1,0 +1,286 @@
+"""A checkpoint on the Hugging Face Hub, read by byte ranges.
+
+Kimi-K2 is about 1 TB; a reduced model keeps a few percent of it. safetensors shards are
+self-describing, so the reader needs each shard's header (one 64 KiB range request) and then
+only the byte ranges of the tensors it keeps. Everything goes through huggingface_hub so
+its conventions hold: ``HF_ENDPOINT``, ``HF_TOKEN`` / the stored token, ``HF_HOME`` /
+``HF_HUB_CACHE`` for the small files, ``HF_HUB_OFFLINE``.
+
+The revision is resolved once to a commit sha and every later request names that sha: a
+branch that moves mid-run cannot give us a config from one commit and tensors from another.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+import httpx2
+from huggingface_hub import HfApi, constants, hf_hub_download, hf_hub_url, try_to_load_from_cache
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+from k2mini.checkpoint.source import LocalSource, Source, check_relative
+from k2mini.errors import CheckpointError
+
+# ``org/name`` or ``org/name@revision`` (a revision may itself contain slashes: refs/pr/3).
+_REPO_LOCATION = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<rev>\S+))?$")
+_RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_TRANSIENT = (httpx2.TransportError,)
+# First backoff wait in seconds, doubled per consecutive failure up to MAX_WAIT (the same
+# schedule as huggingface_hub's http_backoff). Module-level so tests can shorten it.
+RETRY_WAIT = 1.0
+MAX_WAIT = 8.0
+
+
+def parse_repo_location(location: str) -> tuple[str, str | None] | None:
+    """``(repo_id, revision)`` when ``location`` reads as a Hub repo id, else None."""
+    m = _REPO_LOCATION.match(location)
+    if m is None or m.group("repo").startswith(".") or ".." in m.group("repo"):
+        return None
+    return m.group("repo"), m.group("rev")
+
+
+def open_source(location: str | os.PathLike) -> Source:
+    """An existing local path stays local; ``org/name[@revision]`` that is not one is a Hub repo."""
+    text = os.fspath(location)
+    if not Path(text).exists():
+        parsed = parse_repo_location(text)
+        if parsed is not None:
+            return HubSource(*parsed)
+    return LocalSource(text)
+
+
+class _Transient(Exception):
+    """A failure worth retrying: a 5xx/429 answer or a connection that broke."""
+
+
+class HubSource:
+    """A Hub model repository pinned to one commit, read by HTTP Range requests.
+
+    ``bytes_read`` counts body bytes actually received (a retried range counts the part
+    that arrived before it broke, the resumed rest counts once more), so it is what the
+    network carried, not what the reader asked for.
+    """
+
+    def __init__(
+        self,
+        repo_id: str,
+        revision: str | None = None,
+        *,
+        endpoint: str | None = None,
+        token: str | bool | None = None,
+        max_retries: int = 5,
+        retry_wait: float | None = None,
+        max_wait: float | None = None,
+        timeout: float = 60.0,
+    ):
+        self.repo_id = repo_id
+        self.requested_revision = revision
+        self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+        self.token = token
+        self.max_retries = max_retries
+        self.retry_wait = RETRY_WAIT if retry_wait is None else retry_wait
+        self.max_wait = MAX_WAIT if max_wait is None else max_wait
+        self.timeout = timeout
+        self.bytes_read = 0
+        self.requests = 0
+        self._lock = threading.Lock()
+        rev_text = f"@{revision}" if revision else ""
+        self.description = f"{repo_id}{rev_text}"
+        api = HfApi(endpoint=self.endpoint, token=token)
+        info = self._call(lambda: api.model_info(repo_id, revision=revision), what="resolving the revision")
+        if not info.sha:
+            raise CheckpointError(f"{self.endpoint} gave no commit sha for this revision", path=self.description)
+        self.commit_sha: str = info.sha
+        # The listing is taken at the pinned sha, not at the branch name, for the same reason.
+        entries = self._call(
+            lambda: list(api.list_repo_tree(repo_id, revision=self.commit_sha, recursive=True)), what="listing files"
+        )
+        self._sizes: dict[str, int] = {e.path: int(e.size) for e in entries if isinstance(e, RepoFile)}
+        self.description = f"{repo_id}@{self.commit_sha}"
+        self._headers = build_hf_headers(token=token)
+        # Exact byte counts: a compressed body would not match the Range we asked for.
+        self._headers["Accept-Encoding"] = "identity"
+
+    # -- error mapping -----------------------------------------------------------------
+
+    def _call(self, fn, *, what: str, rel: str | None = None):
+        """Run one huggingface_hub call with retries on transient failures; map errors to one line."""
+        where = f"{self.description}/{rel}" if rel else self.description
+        failures = 0
+        while True:
+            try:
+                return fn()
+            except OfflineModeIsEnabled:
+                raise CheckpointError(
+                    "HF_HUB_OFFLINE is set, so a Hub repo cannot be read; unset it or pass a local directory", path=where
+                ) from None
+            except RevisionNotFoundError:
+                raise CheckpointError(
+                    f"revision {self.requested_revision!r} does not exist on {self.endpoint}", path=self.repo_id
+                ) from None
+            except GatedRepoError:
+                raise CheckpointError(
+                    f"the repo is gated on {self.endpoint}: accept its terms and set HF_TOKEN", path=self.repo_id
+                ) from None
+            except RepositoryNotFoundError:
+                raise CheckpointError(
+                    f"no local directory of that name, and no such repo on {self.endpoint} "
+                    "(or it is private: set HF_TOKEN)",
+                    path=self.repo_id,
+                ) from None
+            except EntryNotFoundError:
+                raise CheckpointError("file is missing from the repo", path=where) from None
+            except (HfHubHTTPError, *_TRANSIENT, LocalEntryNotFoundError) as e:
+                status = getattr(getattr(e, "response", None), "status_code", None)
+                transient = isinstance(e, (*_TRANSIENT, LocalEntryNotFoundError)) or status in _RETRY_STATUS
+                failures += 1
+                if not transient or failures > self.max_retries:
+                    reason = f"HTTP {status}" if status else type(e).__name__
+                    raise CheckpointError(f"{what} failed on {self.endpoint}: {reason}", path=where) from None
+                self._sleep(failures)
+
+    def _sleep(self, failures: int) -> None:
+        time.sleep(min(self.max_wait, self.retry_wait * 2 ** (failures - 1)))
+
+    # -- Source protocol ---------------------------------------------------------------
+
+    def _known(self, rel: str) -> int:
+        check_relative(rel, where=self.description)
+        size = self._sizes.get(rel)
+        if size is None:
+            raise CheckpointError("file is missing from the repo", path=f"{self.description}/{rel}")
+        return size
+
+    def exists(self, rel: str) -> bool:
+        check_relative(rel, where=self.description)
+        return rel in self._sizes
+
+    def size(self, rel: str) -> int:
+        return self._known(rel)
+
+    def list_files(self) -> list[str]:
+        return sorted(self._sizes)
+
+    def url(self, rel: str) -> str:
+        return hf_hub_url(self.repo_id, rel, revision=self.commit_sha, endpoint=self.endpoint)
+
+    def read_bytes(self, rel: str) -> bytes:
+        """A small file whole, through the Hub cache (config, index, tokenizer files)."""
+        self._known(rel)
+        cached = try_to_load_from_cache(self.repo_id, rel, revision=self.commit_sha)
+        path = self._call(
+            lambda: hf_hub_download(
+                self.repo_id, rel, revision=self.commit_sha, endpoint=self.endpoint, token=self.token
+            ),
+            what=f"downloading {rel}",
+            rel=rel,
+        )
+        data = Path(path).read_bytes()
+        if not isinstance(cached, str):
+            with self._lock:
+                self.bytes_read += len(data)
+        return data
+
+    def read_into(self, rel: str, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` from ``rel`` at ``offset`` with one Range request, resumed where it breaks.
+
+        huggingface_hub's http_stream_backoff retries a request that fails to start, but a
+        body that breaks mid-stream surfaces in the caller's loop and cannot be resumed there,
+        so one loop here handles both and asks again only for the bytes still missing.
+        """
+        n = len(buf)
+        size = self._known(rel)
+        where = f"{self.description}/{rel}"
+        if offset < 0 or offset + n > size:
+            raise CheckpointError(f"truncated: wanted {n} bytes at offset {offset}, file has {size}", path=where)
+        if n == 0:
+            return
+        url = self.url(rel)
+        out = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+        progress = [0]  # bytes of buf filled; survives a broken attempt so the next resumes there
+        failures = 0
+        while progress[0] < n:
+            before = progress[0]
+            try:
+                self._fetch(url, rel, offset, n, progress, out)
+            except _Transient as e:
+                # Consecutive failures without progress count; a long read that keeps
+                # moving forward may break more than max_retries times in all.
+                failures = 0 if progress[0] > before else failures + 1
+                if failures > self.max_retries:
+                    raise CheckpointError(
+                        f"reading bytes {offset + progress[0]}-{offset + n - 1} failed after {self.max_retries} retries: {e}",
+                        path=where,
+                    ) from None
+                if failures:
+                    self._sleep(failures)
+
+    def _fetch(self, url: str, rel: str, offset: int, n: int, progress: list[int], out: memoryview) -> None:
+        start, end = offset + progress[0], offset + n - 1
+        headers = {**self._headers, "Range": f"bytes={start}-{end}"}
+        where = f"{self.description}/{rel}"
+        with self._lock:
+            self.requests += 1
+        try:
+            with get_session().stream("GET", url, headers=headers, timeout=self.timeout) as r:
+                if r.status_code in _RETRY_STATUS:
+                    raise _Transient(f"HTTP {r.status_code}")
+                if r.status_code >= 400:
+                    try:
+                        r.read()
+                        hf_raise_for_status(r)
+                    except EntryNotFoundError:
+                        raise CheckpointError("file is missing from the repo", path=where) from None
+                    except HfHubHTTPError:
+                        raise CheckpointError(f"HTTP {r.status_code} for bytes {start}-{end}", path=where) from None
+                if r.status_code == 200:
+                    # A server that ignores Range sends the whole file; accept that only
+                    # when the whole file is what we asked for.
+                    if start != 0 or end != self._sizes[rel] - 1:
+                        raise CheckpointError("the server ignored the Range request (HTTP 200)", path=where)
+                elif r.status_code == 206:
+                    got = _content_range_start(r.headers.get("Content-Range"))
+                    if got != start:
+                        raise CheckpointError(
+                            f"asked for bytes from {start}, server sent Content-Range {r.headers.get('Content-Range')!r}",
+                            path=where,
+                        )
+                else:
+                    raise CheckpointError(f"unexpected HTTP {r.status_code} for a Range request", path=where)
+                try:
+                    for chunk in r.iter_raw():
+                        k = len(chunk)
+                        with self._lock:
+                            self.bytes_read += k
+                        done = progress[0]
+                        if done + k > n:
+                            raise CheckpointError(f"server sent more than the {end - start + 1} bytes asked for", path=where)
+                        out[done : done + k] = chunk
+                        progress[0] = done + k
+                except _TRANSIENT as e:
+                    raise _Transient(f"connection broke after {progress[0]} of {n} bytes ({type(e).__name__})") from None
+        except _TRANSIENT as e:
+            raise _Transient(type(e).__name__) from None
+        except OfflineModeIsEnabled:
+            raise CheckpointError("HF_HUB_OFFLINE is set, so a Hub repo cannot be read", path=where) from None
+        if progress[0] < n:
+            raise _Transient(f"body ended after {progress[0]} of {n} bytes")
+
+
+def _content_range_start(value: str | None) -> int | None:
+    m = re.match(r"bytes (\d+)-\d+/(\d+|\*)", value or "")
+    return int(m.group(1)) if m else None

@@ -1,0 +1,245 @@
+"""A loopback stand-in for the Hugging Face Hub, serving checkpoint directories.
+
+It answers exactly the endpoints huggingface_hub 2.x calls for a model repo:
+``GET /api/models/{repo}/revision/{rev}`` (HfApi.model_info: ``id``, ``sha``, ``siblings``),
+``GET /api/models/{repo}/tree/{rev}`` (HfApi.list_repo_tree: ``type``, ``path``, ``size``,
+``oid``), and ``HEAD``/``GET /{repo}/resolve/{rev}/{file}`` (hf_hub_download and Range
+reads: ``X-Repo-Commit``, ``ETag``, ``Content-Length``, ``Accept-Ranges``, 206 with
+``Content-Range``). Errors carry the ``X-Error-Code`` header huggingface_hub maps to its
+exception types (RepoNotFound, RevisionNotFound, EntryNotFound).
+
+It counts body bytes sent per file, and can be told to answer 5xx or to drop the connection
+part-way through a body for the next N ranged GETs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+
+@dataclass
+class Repo:
+    commits: dict[str, Path] = field(default_factory=dict)  # sha -> directory
+    refs: dict[str, str] = field(default_factory=dict)  # branch -> sha
+
+
+@dataclass
+class Fault:
+    kind: str  # "status" or "drop"
+    count: int
+    status: int = 503
+    after: int = 0  # for "drop": body bytes sent before the connection is cut
+
+
+class FakeHub:
+    def __init__(self):
+        self.repos: dict[str, Repo] = {}
+        self.sent = Counter()  # file path -> body bytes sent by GET /resolve
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
+        self.authorizations: list[str | None] = []  # Authorization header of each request
+        self.faults: list[Fault] = []
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> FakeHub:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    # -- repo content ------------------------------------------------------------------
+
+    def add(self, repo_id: str, directory: Path, branch: str = "main") -> str:
+        """Publish ``directory`` as a new commit of ``repo_id`` on ``branch``; returns its sha."""
+        h = hashlib.sha1(repo_id.encode())
+        for p in sorted(Path(directory).rglob("*")):
+            if p.is_file():
+                h.update(str(p.relative_to(directory)).encode())
+                h.update(hashlib.sha1(p.read_bytes()).digest())
+        sha = h.hexdigest()
+        repo = self.repos.setdefault(repo_id, Repo())
+        repo.commits[sha] = Path(directory)
+        repo.refs[branch] = sha
+        return sha
+
+    def fail(self, kind: str, count: int, *, status: int = 503, after: int = 0) -> None:
+        """The next ``count`` ranged GETs answer ``status`` (kind "status") or break after ``after`` body bytes ("drop")."""
+        with self._lock:
+            self.faults.append(Fault(kind, count, status, after))
+
+    def take_fault(self) -> Fault | None:
+        with self._lock:
+            while self.faults and self.faults[0].count == 0:
+                self.faults.pop(0)
+            if not self.faults:
+                return None
+            self.faults[0].count -= 1
+            return self.faults[0]
+
+    def total_sent(self) -> int:
+        return sum(self.sent.values())
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.sent.clear()
+            self.requests.clear()
+            self.authorizations.clear()
+
+
+def _handler(hub: FakeHub):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        # Headers and body go out in separate writes; with Nagle on, each response waits
+        # ~40 ms for the client's delayed ACK.
+        disable_nagle_algorithm = True
+
+        def log_message(self, *args):
+            pass
+
+        # -- helpers -------------------------------------------------------------------
+
+        def _reply(self, status: int, body: bytes = b"", headers: dict | None = None, head: bool = False):
+            self.send_response(status)
+            for k, v in (headers or {}).items():
+                self.send_header(k, str(v))
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+
+        def _error(self, status: int, code: str, head: bool = False, extra: dict | None = None):
+            body = json.dumps({"error": code}).encode()
+            self._reply(status, body, {"X-Error-Code": code, "Content-Type": "application/json", **(extra or {})}, head)
+
+        def _json(self, obj):
+            self._reply(200, json.dumps(obj).encode(), {"Content-Type": "application/json"})
+
+        def _resolve(self, repo_id: str, rev: str, head: bool = False) -> tuple[Repo, str] | None:
+            repo = hub.repos.get(repo_id)
+            if repo is None:
+                self._error(404, "RepoNotFound", head)
+                return None
+            sha = repo.refs.get(rev, rev if rev in repo.commits else None)
+            if sha is None:
+                self._error(404, "RevisionNotFound", head)
+                return None
+            return repo, sha
+
+        # -- routes --------------------------------------------------------------------
+
+        def do_HEAD(self):
+            self._route(head=True)
+
+        def do_GET(self):
+            self._route(head=False)
+
+        def _route(self, head: bool):
+            url = urlsplit(self.path)
+            parts = [unquote(p) for p in url.path.split("/")[1:]]
+            with hub._lock:
+                hub.requests.append((self.command, url.path, self.headers.get("Range")))
+                hub.authorizations.append(self.headers.get("Authorization"))
+            if parts[:2] == ["api", "models"] and (len(parts) == 4 or (len(parts) >= 6 and parts[4] in ("revision", "tree"))):
+                # model_info without a revision asks /api/models/{repo}: the default branch.
+                repo_id = f"{parts[2]}/{parts[3]}"
+                kind, rev = (parts[4], "/".join(parts[5:])) if len(parts) > 4 else ("revision", "main")
+                if (r := self._resolve(repo_id, rev, head)) is None:
+                    return
+                repo, sha = r
+                files = sorted(p for p in repo.commits[sha].rglob("*") if p.is_file())
+                rels = [str(p.relative_to(repo.commits[sha])) for p in files]
+                if kind == "revision":
+                    return self._json({"id": repo_id, "sha": sha, "siblings": [{"rfilename": r} for r in rels]})
+                return self._json(
+                    [
+                        {"type": "file", "path": r, "size": p.stat().st_size, "oid": hashlib.sha1(p.read_bytes()).hexdigest()}
+                        for r, p in zip(rels, files)
+                    ]
+                )
+            if len(parts) >= 5 and parts[2] == "resolve":
+                # hf_hub_url quotes the revision whole (refs/pr/1 -> refs%2Fpr%2F1), so it is one segment here.
+                repo_id, rev, rel = f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:])
+                if (r := self._resolve(repo_id, rev, head)) is None:
+                    return
+                repo, sha = r
+                path = repo.commits[sha] / rel
+                if not path.is_file():
+                    return self._error(404, "EntryNotFound", head, {"X-Repo-Commit": sha})
+                return self._file(path, rel, sha, head)
+            self._error(404, "RepoNotFound", head)
+
+        def _file(self, path: Path, rel: str, sha: str, head: bool):
+            size = path.stat().st_size
+            headers = {
+                "X-Repo-Commit": sha,
+                "ETag": f'"{_etag(path)}"',
+                "Accept-Ranges": "bytes",
+                "Content-Type": "application/octet-stream",
+            }
+            rng = self.headers.get("Range")
+            if head or rng is None:
+                return self._send_body(200, b"" if head else path.read_bytes(), headers, head, rel, size)
+            fault = hub.take_fault()
+            if fault is not None and fault.kind == "status":
+                return self._error(fault.status, "ServerError")
+            start_s, _, end_s = rng.removeprefix("bytes=").partition("-")
+            start = int(start_s)
+            end = min(int(end_s) if end_s else size - 1, size - 1)
+            if start >= size or end < start:
+                return self._reply(416, b"", {"Content-Range": f"bytes */{size}"})
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+            with open(path, "rb") as f:
+                f.seek(start)
+                body = f.read(end + 1 - start)
+            if fault is not None and fault.kind == "drop":
+                self.send_response(206)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                cut = body[: fault.after]
+                with hub._lock:  # counted before sending, so a client that has the bytes sees the count
+                    hub.sent[rel] += len(cut)
+                self.wfile.write(cut)
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            self._send_body(206, body, headers, False, rel)
+
+        def _send_body(self, status, body, headers, head, rel, size=None):
+            if head:
+                # A HEAD answers the size of the body a GET would send, without sending it.
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                return
+            with hub._lock:  # counted before sending, so a client that has the bytes sees the count
+                hub.sent[rel] += len(body)
+            self._reply(status, body, headers)
+
+    return Handler
+
+
+def _etag(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()

@@ -1,0 +1,231 @@
+"""Reading a checkpoint from the Hub by byte ranges, against a loopback stand-in for the Hub.
+
+huggingface_hub is pointed at tests/hub_server.py through its endpoint setting; every socket
+connection that is not to 127.0.0.1 fails the test. References are the fixture's bytes on
+disk and the server's own count of bytes it sent.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from huggingface_hub import constants
+
+from k2mini.checkpoint import hub as hubmod
+from k2mini.checkpoint.hub import HubSource, open_source, parse_repo_location
+from k2mini.checkpoint.reader import _HEADER_PROBE, Checkpoint
+from k2mini.checkpoint.source import LocalSource
+from k2mini.cli import cli
+from k2mini.errors import CheckpointError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hub_server import FakeHub  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def hub():
+    with FakeHub() as h:
+        yield h
+
+
+@pytest.fixture
+def fake_hub(hub, tiny_fixture, monkeypatch, tmp_path):
+    """huggingface_hub aimed at the loopback server, a fresh HF_HOME, and no other network."""
+    hub.repos.clear()
+    hub.faults.clear()
+    hub.add("org/tiny", tiny_fixture.path)
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    # huggingface_hub reads these once at import (transformers imported it long before this test).
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hubmod, "RETRY_WAIT", 0.01)
+    monkeypatch.setattr(hubmod, "MAX_WAIT", 0.05)
+
+    real_connect = socket.socket.connect
+
+    def loopback_only(self, address):
+        if isinstance(address, tuple) and address[0] not in ("127.0.0.1", "::1", "localhost"):
+            raise AssertionError(f"test tried to reach {address}")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)
+    hub.reset_counts()
+    return hub
+
+
+def file_bytes(root: Path, rel: str, offset: int, n: int) -> bytes:
+    with open(root / rel, "rb") as f:
+        f.seek(offset)
+        return f.read(n)
+
+
+def raw_bytes(ck: Checkpoint, name: str) -> bytes:
+    return ck.read_raw(name).reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def test_repo_location_parsing():
+    assert parse_repo_location("moonshotai/Kimi-K2-Instruct") == ("moonshotai/Kimi-K2-Instruct", None)
+    assert parse_repo_location("org/name@refs/pr/3") == ("org/name", "refs/pr/3")
+    assert parse_repo_location("org/name@0123abc") == ("org/name", "0123abc")
+    for not_repo in ("./org/name", "../x/y", "/abs/path", "a/b/c", "name", "org/name@"):
+        assert parse_repo_location(not_repo) is None, not_repo
+
+
+def test_local_directory_wins_over_repo_id(tmp_path, monkeypatch, tiny_fixture):
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "tiny").symlink_to(tiny_fixture.path, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    assert isinstance(open_source("org/tiny"), LocalSource)
+
+
+def test_open_reads_config_index_and_one_range_per_shard(fake_hub, tiny_fixture):
+    ck = Checkpoint.open("org/tiny")
+    local = Checkpoint.open(tiny_fixture.path)
+    assert ck.config == local.config
+    assert ck.tensors == local.tensors
+    assert ck.description == f"org/tiny@{fake_hub.repos['org/tiny'].refs['main']}"
+    shards = sorted({t.file for t in local.tensors.values()})
+    ranged = [r for r in fake_hub.requests if r[2] is not None]
+    # One request per shard: the fixture's headers fit in the first 64 KiB.
+    assert sorted(p.rsplit("/", 1)[1] for _, p, _ in ranged) == shards
+    for f in shards:
+        assert fake_hub.sent[f] == min(_HEADER_PROBE, (tiny_fixture.path / f).stat().st_size)
+    small = (tiny_fixture.path / "config.json").stat().st_size + (tiny_fixture.path / "model.safetensors.index.json").stat().st_size
+    assert ck.source.bytes_read == fake_hub.total_sent() == small + sum(fake_hub.sent[f] for f in shards)
+
+
+def test_every_tensor_matches_the_file_bytes_and_counts_match_the_server(fake_hub, tiny_fixture):
+    ck = Checkpoint.open("org/tiny")
+    fake_hub.reset_counts()
+    before = ck.source.bytes_read
+    for name, t in ck.tensors.items():
+        assert raw_bytes(ck, name) == file_bytes(tiny_fixture.path, t.file, t.offset, t.nbytes), name
+    assert ck.source.bytes_read - before == fake_hub.total_sent() == ck.total_bytes()
+    # Every data request names the pinned commit, never the branch.
+    assert all(f"/resolve/{ck.source.commit_sha}/" in p for _, p, _ in fake_hub.requests)
+
+
+def test_branch_moving_mid_run_does_not_mix_versions(fake_hub, tiny_fixture, tmp_path):
+    ck = Checkpoint.open("org/tiny")
+    name = next(n for n, t in ck.tensors.items() if t.dtype == "F8_E4M3")
+    t = ck.tensors[name]
+    other = tmp_path / "other"
+    shutil.copytree(tiny_fixture.path, other)
+    with open(other / t.file, "r+b") as f:  # a new commit with different weights for this tensor
+        f.seek(t.offset)
+        f.write(bytes(b ^ 0x5A for b in file_bytes(tiny_fixture.path, t.file, t.offset, t.nbytes)))
+    new_sha = fake_hub.add("org/tiny", other)  # main now points at the new commit
+    assert new_sha != ck.source.commit_sha
+    assert raw_bytes(ck, name) == file_bytes(tiny_fixture.path, t.file, t.offset, t.nbytes)
+    assert raw_bytes(ck, name) != file_bytes(other, t.file, t.offset, t.nbytes)
+    again = Checkpoint.open("org/tiny")
+    assert again.source.commit_sha == new_sha
+    assert raw_bytes(again, name) == file_bytes(other, t.file, t.offset, t.nbytes)
+    old = Checkpoint.open(f"org/tiny@{ck.source.commit_sha}")
+    assert raw_bytes(old, name) == file_bytes(tiny_fixture.path, t.file, t.offset, t.nbytes)
+
+
+def test_dropped_connections_and_5xx_are_retried_and_resumed(fake_hub, tiny_fixture):
+    ck = Checkpoint.open("org/tiny")
+    t = max(ck.tensors.values(), key=lambda t: t.nbytes)
+    fake_hub.reset_counts()
+    fake_hub.fail("drop", 2, after=10_000)
+    fake_hub.fail("status", 3, status=503)
+    fake_hub.fail("drop", 1, after=5_000)
+    before = ck.source.bytes_read
+    assert raw_bytes(ck, t.name) == file_bytes(tiny_fixture.path, t.file, t.offset, t.nbytes)
+    ranges = [r[2] for r in fake_hub.requests]
+    end = t.offset + t.nbytes - 1
+    # Each resumed request starts where the broken one stopped; nothing is fetched twice.
+    assert ranges == [
+        f"bytes={t.offset}-{end}",
+        f"bytes={t.offset + 10_000}-{end}",
+        *[f"bytes={t.offset + 20_000}-{end}"] * 4,
+        f"bytes={t.offset + 25_000}-{end}",
+    ]
+    assert ck.source.bytes_read - before == fake_hub.total_sent() == t.nbytes
+
+
+def test_persistent_5xx_gives_one_line(fake_hub):
+    src = HubSource("org/tiny", max_retries=2)
+    fake_hub.fail("status", 10, status=502)
+    with pytest.raises(CheckpointError, match=r"failed after 2 retries: HTTP 502"):
+        src.read_into("model-1-of-3.safetensors", 0, memoryview(bytearray(16)))
+
+
+@pytest.mark.parametrize(
+    "location, message",
+    [
+        ("org/missing", "org/missing: no local directory of that name, and no such repo on http://127.0.0.1"),
+        ("org/tiny@no-such-branch", "org/tiny: revision 'no-such-branch' does not exist on http://127.0.0.1"),
+    ],
+)
+def test_missing_repo_or_revision_is_one_line_exit_2(fake_hub, location, message):
+    r = CliRunner().invoke(cli, ["inspect", location])
+    assert r.exit_code == 2
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"k2mini: error: {message}"), r.output
+
+
+def test_missing_shard_and_missing_file(fake_hub, tiny_fixture, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for p in tiny_fixture.path.iterdir():
+        if p.name != "model-2-of-3.safetensors":
+            (broken / p.name).symlink_to(p)
+    fake_hub.add("org/broken", broken)
+    r = CliRunner().invoke(cli, ["inspect", "org/broken"])
+    assert r.exit_code == 2 and "model-2-of-3.safetensors" in r.output and len(r.output.strip().splitlines()) == 1
+    src = HubSource("org/tiny")
+    with pytest.raises(CheckpointError, match="generation_config.bin: file is missing from the repo"):
+        src.read_bytes("generation_config.bin")
+
+
+def test_offline_mode_is_one_line(fake_hub, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE is set"):
+        Checkpoint.open("org/tiny")
+
+
+def test_token_reaches_the_server(fake_hub, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_loopbacktesttoken")
+    ck = Checkpoint.open("org/tiny")
+    ck.read_raw(next(iter(ck.tensors)))
+    assert fake_hub.authorizations and set(fake_hub.authorizations) == {"Bearer hf_loopbacktesttoken"}
+
+
+def test_small_files_come_whole_through_the_hub_cache(fake_hub, tiny_fixture, tmp_path):
+    src = HubSource("org/tiny")
+    assert src.read_bytes("tokenizer.json") == (tiny_fixture.path / "tokenizer.json").read_bytes()
+    got = src.bytes_read
+    assert got == (tiny_fixture.path / "tokenizer.json").stat().st_size
+    cached = list((tmp_path / "hf_home" / "hub").rglob("tokenizer.json"))
+    assert cached, "hf_hub_download should have stored the file in HF_HOME/hub"
+    fake_hub.reset_counts()
+    assert src.read_bytes("tokenizer.json") == (tiny_fixture.path / "tokenizer.json").read_bytes()
+    assert src.bytes_read == got and fake_hub.total_sent() == 0  # second read from the cache
+    assert src.list_files() == sorted(p.name for p in tiny_fixture.path.iterdir() if p.is_file())
+
+
+def test_inspect_on_a_hub_repo_matches_local(fake_hub, tiny_fixture):
+    hub_r = CliRunner().invoke(cli, ["inspect", "org/tiny", "--json"])
+    local_r = CliRunner().invoke(cli, ["inspect", str(tiny_fixture.path), "--json"])
+    assert hub_r.exit_code == local_r.exit_code == 0, hub_r.output
+    a, b = json.loads(hub_r.output), json.loads(local_r.output)
+    assert a.pop("source").startswith("org/tiny@") and b.pop("source")
+    assert a == b
+    assert fake_hub.total_sent() < sum(p.stat().st_size for p in tiny_fixture.path.iterdir()) / 2
