@@ -257,3 +257,27 @@ def test_ignore_pattern_keeps_modules_bf16(tiny_fixture, tmp_path):
     assert "model.layers.1.mlp.experts.0.up_proj.weight_packed" in stored
     assert r"re:.*self_attn\..*" in summary["ignore"]
     assert "model.layers.0.self_attn.o_proj.weight" in summary["unquantized_linear"]
+
+
+def test_convert_int4_one_pass_equals_convert_then_quantize(tiny_fixture, tmp_path):
+    """FP8 -> INT4 in one convert pass gives exactly the tensors of convert to BF16 followed
+    by quantize, and loads in transformers."""
+    from transformers import AutoModelForCausalLM
+
+    common = ["convert", "-s", tiny_fixture.path, "--layers", "3", "--experts", "4", "--no-progress"]
+    r = run_cli(*common, "--dtype", "int4-g32", "-o", tmp_path / "one")
+    assert r.exit_code == 0, r.output
+    r = run_cli(*common, "--dtype", "bf16", "-o", tmp_path / "bf16")
+    assert r.exit_code == 0, r.output
+    r = run_cli("quantize", tmp_path / "bf16", "--bits", "4", "--group-size", "32", "-o", tmp_path / "two", "--quiet")
+    assert r.exit_code == 0, r.output
+    one, two = read_all(tmp_path / "one"), read_all(tmp_path / "two")
+    assert set(one) == set(two)
+    assert "model.layers.2.mlp.experts.3.down_proj.weight_packed" in one
+    for k in one:
+        assert one[k].dtype == two[k].dtype and torch.equal(one[k], two[k]), k
+    cfg = json.loads((tmp_path / "one" / "config.json").read_text())
+    assert cfg["quantization_config"]["format"] == "pack-quantized" and cfg["num_hidden_layers"] == 3
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "one", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(3, 30).unsqueeze(0)).logits).all()

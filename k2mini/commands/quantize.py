@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+import k2mini.quantize.convert_hook  # noqa: F401  (registers convert --dtype int4/int8)
 from k2mini.quantize.formats import FORMATS
 
 
@@ -17,10 +18,12 @@ from k2mini.quantize.formats import FORMATS
               help="Keep matching modules BF16 (repeatable): a module name or re:REGEX, compressed-tensors syntax. "
                    "Router (mlp.gate), lm_head, embeddings and norms always stay BF16.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="New output directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output (only once the new one is complete).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard (e.g. 5GB, 500MB, 2GiB).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report summary as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def quantize_cmd(source: str, bits: int, group_size: int | None, fmt: str, ignore: tuple[str, ...], output: str,
-                 as_json: bool, quiet: bool) -> None:
+                 overwrite: bool, max_shard_size: str, as_json: bool, quiet: bool) -> None:
     """Quantize the linear weights of SOURCE (a converted BF16 output or a K2 FP8 source;
     FP8 is dequantized per tensor) to INT4 or INT8, one tensor at a time, into OUTPUT.
 
@@ -40,10 +43,12 @@ def quantize_cmd(source: str, bits: int, group_size: int | None, fmt: str, ignor
     import json
 
     from k2mini.checkpoint.source import refuse_output_inside
+    from k2mini.checkpoint.writer import parse_size
     from k2mini.quantize.run import QuantOptions, quantize_checkpoint
 
     refuse_output_inside(source, output, flag="--output")  # robustness: never write into the source
-    report = quantize_checkpoint(source, output, QuantOptions(bits, group_size, fmt, tuple(ignore)), progress=not quiet)
+    report = quantize_checkpoint(source, output, QuantOptions(bits, group_size, fmt, tuple(ignore)), progress=not quiet,
+                                 overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size))
     if report.warning:
         click.echo(f"k2mini: warning: {report.warning}", err=True)
     if as_json:

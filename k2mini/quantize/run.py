@@ -9,19 +9,14 @@ divide a weight, an already-quantized source) fails before anything is written.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from k2mini.checkpoint.names import Role
 from k2mini.checkpoint.reader import Checkpoint
-from k2mini.checkpoint.safetensors_format import PlannedTensor
-from k2mini.errors import CheckpointError, UsageError
+from k2mini.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, WriteUnit, planned_bytes, write_file, write_sharded
+from k2mini.errors import CheckpointError
+from k2mini.output import OutputDir
 from k2mini.quantize.formats import INT_TAGS
 from k2mini.quantize.report import REPORT_FILE, QuantReport
 from k2mini.quantize.transform import IntTransform, QuantOptions
@@ -58,71 +53,41 @@ def aux_files(ck: Checkpoint) -> list[str]:
     return [f for f in ck.source.list_files() if "/" not in f and f not in skip and not f.endswith(AUX_SKIP_SUFFIXES)]
 
 
-def quantize_checkpoint(src: str | Path, out: str | Path, opts: QuantOptions, *, progress: bool = True) -> QuantReport:
+def quantize_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    opts: QuantOptions,
+    *,
+    progress: bool = True,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> QuantReport:
     """Quantize ``src`` (BF16 output or K2 FP8 source) into a new directory ``out``."""
+    from tqdm import tqdm
+
     transform = IntTransform(opts)
     ck = Checkpoint.open(src)
     check_source(ck)
-    names = [n for n in ck.weight_names() if ck.tensors[n].parsed.role is not Role.INV_FREQ]  # loaders recompute inv_freq
-    plan: list[PlannedTensor] = []
-    for name in names:
+    units = []
+    for name in ck.weight_names():
         t = ck.tensors[name]
+        if t.parsed.role is Role.INV_FREQ:
+            continue  # loaders recompute it; convert drops it too
         scale = ck.scale_of(name) if t.dtype == "F8_E4M3" else None
         in_dtype = "BF16" if t.dtype == "F8_E4M3" else t.dtype
-        plan += transform.plan(name, in_dtype, t.shape, t.nbytes + (scale.nbytes if scale else 0))
-    write_checkpoint(ck, Path(out), plan, _stream(ck, transform, names, progress), transform.config(ck.config), aux_files(ck))
-    report = transform.report(str(src), str(out))
-    (Path(out) / REPORT_FILE).write_text(report.model_dump_json(indent=1) + "\n")
+        planned = transform.plan(name, in_dtype, t.shape, t.nbytes + (scale.nbytes if scale else 0))
+        units.append(WriteUnit(tuple(planned), lambda n=name: list(transform.apply(n, ck.read(n)))))
+    aux = aux_files(ck)
+    cfg = (json.dumps(transform.config(ck.config), indent=2) + "\n").encode()
+    need = planned_bytes(units, max_shard_bytes) + sum(ck.source.size(f) for f in aux) + 2**20
+    with OutputDir(out, source=ck.description, overwrite=overwrite, planned_bytes=need) as od:
+        for f in aux:
+            write_file(od.partial / f, ck.source.read_bytes(f))
+        write_file(od.partial / "config.json", cfg)
+        total = sum(u.nbytes for u in units)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="quantize", disable=not progress, file=sys.stderr) as bar:
+            write_sharded(od.partial, units, max_shard_bytes=max_shard_bytes, on_tensor=lambda p: bar.update(p.nbytes))
+        report = transform.report(str(src), str(out))
+        write_file(od.partial / REPORT_FILE, (report.model_dump_json(indent=1) + "\n").encode())
+        od.commit()
     return report
-
-
-def _stream(ck: Checkpoint, transform: IntTransform, names: list[str], progress: bool) -> Iterator[torch.Tensor]:
-    """Output tensors in plan order; one input tensor resident at a time."""
-    from tqdm import tqdm
-
-    total = sum(j.bytes_in for j in transform.jobs.values())
-    with tqdm(total=total, unit="B", unit_scale=True, desc="quantize", disable=not progress, file=sys.stderr) as bar:
-        for name in names:
-            yield from transform.apply(name, ck.read(name))
-            bar.update(transform.jobs[name].bytes_in)
-
-
-# Temporary: replaced by k2mini.checkpoint.writer once the convert engineer lands it.
-MAX_SHARD_BYTES = 5 * 2**30
-
-
-def write_checkpoint(
-    ck: Checkpoint, out: Path, plan: list[PlannedTensor], data: Iterator[torch.Tensor], cfg: dict[str, Any], aux: list[str]
-) -> None:
-    from k2mini.checkpoint.reader import INDEX_FILE
-    from k2mini.checkpoint.safetensors_format import write_shard
-
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"-o {out}: exists and is not an empty directory")
-    tmp = out.parent / f".{out.name}.k2mini-partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    shards: list[list[PlannedTensor]] = [[]]
-    size = 0
-    for p in plan:
-        if shards[-1] and size + p.nbytes > MAX_SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(p)
-        size += p.nbytes
-    n = len(shards)
-    weight_map = {}
-    for k, shard in enumerate(shards, start=1):
-        fname = f"model-{k:05d}-of-{n:05d}.safetensors"
-        write_shard(tmp / fname, shard, data)
-        weight_map.update({p.name: fname for p in shard})
-    for f in aux:
-        (tmp / f).write_bytes(ck.source.read_bytes(f))
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (tmp / INDEX_FILE).write_text(
-        json.dumps({"metadata": {"total_size": sum(p.nbytes for p in plan)}, "weight_map": weight_map}, indent=2) + "\n"
-    )
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)

@@ -1,0 +1,48 @@
+"""``k2mini convert --dtype int4|int8``: FP8 source -> BF16 -> INT in one streaming pass.
+
+Registers integer transforms in convert's Transform registry. Each selected source tensor
+is read (FP8 dequantized to BF16, routers row-sliced) by convert's own BF16 transform and
+handed straight to the integer format, so no BF16 copy of the model ever exists on disk
+or in memory: one tensor at a time, like ``--dtype bf16``.
+"""
+
+from __future__ import annotations
+
+from k2mini.checkpoint.reader import Checkpoint
+from k2mini.convert.transforms import Bf16Transform, TensorJob, Transform, out_shape, register_transform, selected_bytes
+from k2mini.quantize.transform import IntTransform, QuantOptions
+
+# --dtype name -> (bits, group size); INT4 defaults to groups of 128, INT8 to per channel.
+CHOICES = {"int4": (4, None), "int4-g64": (4, 64), "int4-g32": (4, 32), "int8": (8, None)}
+
+
+class IntConvertTransform(Transform):
+    def __init__(self, name: str):
+        bits, group = CHOICES[name]
+        self.name = name
+        self.int = IntTransform(QuantOptions(bits, group))
+        self._bf16 = Bf16Transform()
+
+    def check_source(self, ck: Checkpoint) -> None:
+        from k2mini.quantize.run import check_source
+
+        check_source(ck)
+
+    def plan(self, ck, job: TensorJob):
+        (planned,) = self._bf16.plan(ck, job)
+        return tuple(self.int.plan(job.output, planned.dtype, out_shape(ck, job), selected_bytes(ck, job)))
+
+    def produce(self, ck, job: TensorJob):
+        (tensor,) = self._bf16.produce(ck, job)
+        return list(self.int.apply(job.output, tensor))
+
+    def update_config(self, cfg):
+        return self.int.config(self._bf16.update_config(cfg))
+
+    def key(self) -> str:
+        o = self.int.opts
+        return f"{self.name}:{o.format}:{o.bits}:{o.group_size}:{','.join(o.ignore)}"
+
+
+for _name in CHOICES:
+    register_transform(_name, lambda _n=_name, **_: IntConvertTransform(_n))
