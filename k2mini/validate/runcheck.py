@@ -32,9 +32,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+def resolve_dtype(dtype: str, device: str, cfg: dict | None = None) -> torch.dtype:
     if dtype == "auto":
-        return torch.float32 if device == "cpu" else torch.bfloat16
+        # transformers dequantizes FP8 checkpoints on CPU to BF16 whatever dtype was asked
+        # for, and a float32 activation then meets BF16 weights: compute in BF16 there.
+        fp8 = ((cfg or {}).get("quantization_config") or {}).get("quant_method") == "fp8"
+        return torch.float32 if device == "cpu" and not fp8 else torch.bfloat16
     return _DTYPES[dtype]
 
 
@@ -191,7 +194,7 @@ def run_checks(out: str | Path, ck: Checkpoint, *, device: str = "auto", dtype: 
                seq_len: int = 128, max_new_tokens: int = 16) -> tuple[RunReport, object | None, torch.Tensor]:
     """(report, loaded model or None, held-out ids) — the model is reused by --reference."""
     device = resolve_device(device)
-    tdtype = resolve_dtype(dtype, device)
+    tdtype = resolve_dtype(dtype, device, ck.config)
     dname = str(tdtype).removeprefix("torch.")
     findings: list[Finding] = []
     if tdtype is torch.float16:

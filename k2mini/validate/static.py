@@ -270,6 +270,10 @@ def check_tensors(ck: Checkpoint, fmt: Format, fs: _Findings) -> None:
             fs.add("tensor.router_size", "error", f"{name} has {t.shape[0]} rows but config n_routed_experts="
                    f"{n_exp}: router and correction bias must have one entry per expert", tensor=name, breaks=ALL)
             continue
+        if t.dtype == "F8_E4M3" and len(t.shape) == 2 and (t.shape[0] % 128 or t.shape[1] % 128):
+            fs.add("tensor.fp8_edge_block", "warning", f"FP8 weight {name} {list(t.shape)} ends in a partial 128x128 "
+                   "block: transformers' FP8 loader infers the block size as shape // scale grid and refuses or "
+                   "misreads it (vLLM and SGLang handle edge blocks)", tensor=name, breaks=["transformers"])
         if t.shape != exp.shape:
             fs.add("tensor.shape", "error", f"{name} is {list(t.shape)} but the config implies {list(exp.shape)}",
                    tensor=name, breaks=ALL)
