@@ -107,7 +107,7 @@ def transformers_resident(cfg: dict[str, Any], by_dtype: dict[str, int], params:
         # transformers unpacks the per-expert packed tensors into its fused BF16 experts at
         # load time and decompresses packed Linear modules on the first forward pass.
         f32 = by_dtype.get("F32", 0)
-        return params * 2 + f32, ["transformers decompresses compressed-tensors weights to BF16 "
+        return (params - f32 // 4) * 2 + f32, ["transformers decompresses compressed-tensors weights to BF16 "
                                   "(experts at load, Linear modules on the first forward); vLLM keeps them packed"]
     if method == "fp8" and not (profile.kind == "cuda" and profile.fp8_native):
         fp8 = by_dtype.get("F8_E4M3", 0)
@@ -159,3 +159,22 @@ def memory_plan(
 def gib(n: int) -> float:
     return n / (1 << 30)
 
+
+
+def reduced_config(cfg: dict[str, Any], layers: int, experts: int) -> dict[str, Any]:
+    """The DESIGN §6 config of ``cfg`` cut to ``layers`` x ``experts`` (no weights needed)."""
+    out = {k: v for k, v in cfg.items() if k not in ("auto_map", "quantization_config")}
+    n_group = int(cfg.get("n_group") or 1)
+    if experts % n_group or experts // n_group < 2:
+        n_group = 1
+    out.update(model_type="deepseek_v3", num_hidden_layers=layers, n_routed_experts=experts,
+               first_k_dense_replace=min(int(cfg.get("first_k_dense_replace") or 0), layers),
+               num_experts_per_tok=min(int(cfg["num_experts_per_tok"]), experts), n_group=n_group,
+               topk_group=min(int(cfg.get("topk_group") or 1), n_group), num_nextn_predict_layers=0)
+    return out
+
+
+def plan_variants(cfg: dict[str, Any], profile: GpuProfile, *, context: int, batch: int,
+                  dtypes: tuple[str, ...] = ("bf16", "fp8", "int4"), group_size: int = 128) -> dict[str, MemoryPlan]:
+    """One plan per output dtype, all from the config alone."""
+    return {d: memory_plan(cfg, profile, context=context, batch=batch, dtype=d, group_size=group_size) for d in dtypes}

@@ -1,0 +1,51 @@
+"""Memory plan of the real Kimi-K2 config cut to 24 layers x 16 experts, without any weights.
+
+Prints the parameter count, the bytes of a bf16 / fp8 / int4 (compressed-tensors, group 128)
+checkpoint and the verdict on a GPU profile (H100 by default).
+
+    python scripts/memory_plan_k2.py
+    python scripts/memory_plan_k2.py --layers 40 --experts 96 --gpu h200 --context 32768 --json
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from k2mini.validate.gpus import load_profile
+from k2mini.validate.memory import gib, plan_variants, reduced_config
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "kimi_k2_config.json"
+
+
+@click.command()
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=str(REFERENCE), show_default=True)
+@click.option("--layers", type=int, default=24, show_default=True)
+@click.option("--experts", type=int, default=16, show_default=True)
+@click.option("--gpu", default="h100", show_default=True)
+@click.option("--context", type=int, default=4096, show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def main(config_path: str, layers: int, experts: int, gpu: str, context: int, batch: int, as_json: bool) -> None:
+    cfg = reduced_config(json.loads(Path(config_path).read_text()), layers, experts)
+    plans = plan_variants(cfg, load_profile(gpu), context=context, batch=batch)
+    if as_json:
+        click.echo(json.dumps({d: p.model_dump() for d, p in plans.items()}, indent=2))
+        return
+    first = next(iter(plans.values()))
+    click.echo(f"Kimi-K2 reduced to {layers} layers x {experts} experts: {first.params:,} parameters")
+    click.echo(f"KV cache at {context} tokens x batch {batch}: MLA latent {gib(first.kv.latent_bytes):.2f} GiB "
+               f"({first.kv.latent_bytes_per_token:,} B/token), expanded {gib(first.kv.expanded_bytes):.2f} GiB "
+               f"({first.kv.expanded_bytes_per_token:,} B/token); activations {gib(first.activation_bytes):.2f} GiB")
+    for d, p in plans.items():
+        by = ", ".join(f"{k} {gib(v):.2f}" for k, v in p.weights_by_dtype.items())
+        click.echo(f"{d:5s}: weights {p.weights_bytes:,} B = {gib(p.weights_bytes):.2f} GiB ({by}); "
+                   f"{gpu} {gib(p.memory_bytes):.1f} GiB: latent-cache plan needs {gib(p.needed_latent_bytes):.2f} GiB "
+                   f"-> {'FITS' if p.fits_latent else 'DOES NOT FIT'}; transformers+expanded "
+                   f"{gib(p.needed_expanded_bytes):.2f} GiB -> {'fits' if p.fits_expanded else 'does not fit'}")
+
+
+if __name__ == "__main__":
+    main()
