@@ -37,6 +37,7 @@ class Fault:
     count: int
     status: int = 503
     after: int = 0  # for "drop": body bytes sent before the connection is cut
+    min_length: int = 0  # only ranged GETs asking for at least this many bytes (to aim at big tensors)
 
 
 class FakeHub:
@@ -79,19 +80,19 @@ class FakeHub:
         repo.refs[branch] = sha
         return sha
 
-    def fail(self, kind: str, count: int, *, status: int = 503, after: int = 0) -> None:
-        """The next ``count`` ranged GETs answer ``status`` (kind "status") or break after ``after`` body bytes ("drop")."""
+    def fail(self, kind: str, count: int, *, status: int = 503, after: int = 0, min_length: int = 0) -> None:
+        """The next ``count`` ranged GETs (of at least ``min_length`` bytes) answer ``status``
+        (kind "status") or break after ``after`` body bytes (kind "drop"). Faults queue in order."""
         with self._lock:
-            self.faults.append(Fault(kind, count, status, after))
+            self.faults.append(Fault(kind, count, status, after, min_length))
 
-    def take_fault(self) -> Fault | None:
+    def take_fault(self, length: int) -> Fault | None:
         with self._lock:
-            while self.faults and self.faults[0].count == 0:
-                self.faults.pop(0)
-            if not self.faults:
-                return None
-            self.faults[0].count -= 1
-            return self.faults[0]
+            for f in self.faults:
+                if f.count > 0 and length >= f.min_length:
+                    f.count -= 1
+                    return f
+            return None
 
     def total_sent(self) -> int:
         return sum(self.sent.values())
@@ -196,14 +197,14 @@ def _handler(hub: FakeHub):
             rng = self.headers.get("Range")
             if head or rng is None:
                 return self._send_body(200, b"" if head else path.read_bytes(), headers, head, rel, size)
-            fault = hub.take_fault()
-            if fault is not None and fault.kind == "status":
-                return self._error(fault.status, "ServerError")
             start_s, _, end_s = rng.removeprefix("bytes=").partition("-")
             start = int(start_s)
             end = min(int(end_s) if end_s else size - 1, size - 1)
             if start >= size or end < start:
                 return self._reply(416, b"", {"Content-Range": f"bytes */{size}"})
+            fault = hub.take_fault(end + 1 - start)
+            if fault is not None and fault.kind == "status":
+                return self._error(fault.status, "ServerError")
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
             with open(path, "rb") as f:
                 f.seek(start)

@@ -24,6 +24,7 @@ from k2mini.checkpoint.reader import _HEADER_PROBE, Checkpoint
 from k2mini.checkpoint.source import LocalSource
 from k2mini.cli import cli
 from k2mini.errors import CheckpointError
+from k2mini.testing import build_fixture
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_server import FakeHub  # noqa: E402
@@ -229,3 +230,96 @@ def test_inspect_on_a_hub_repo_matches_local(fake_hub, tiny_fixture):
     assert a.pop("source").startswith("org/tiny@") and b.pop("source")
     assert a == b
     assert fake_hub.total_sent() < sum(p.stat().st_size for p in tiny_fixture.path.iterdir()) / 2
+
+
+# -- convert-fast straight from the Hub ------------------------------------------------------
+
+# A source wide enough that a 2-layer, 2-expert reduction keeps a small fraction of it.
+WIDE = dict(num_hidden_layers=8, n_routed_experts=16, vocab_size=256, n_shards=4, from_model=False)
+REDUCE = ["--layers", "2", "--experts", "2", "--no-progress", "--json"]
+# Files whose provenance names the source: a local path in one run, repo@sha in the other.
+PROVENANCE_FILES = {"config.json", "plan.json", "README.md"}
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wide")
+    build_fixture(root / "src", "tiny", **WIDE)
+    r = CliRunner().invoke(cli, ["convert-fast", "-s", str(root / "src"), "-o", str(root / "from_disk"), *REDUCE])
+    assert r.exit_code == 0, r.output
+    return root
+
+
+def convert_from_hub(fake_hub, wide, out):
+    fake_hub.add("org/wide", wide / "src")
+    fake_hub.reset_counts()
+    r = CliRunner().invoke(cli, ["convert-fast", "-s", "org/wide", "-o", str(out), *REDUCE])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.output)
+
+
+def assert_same_output(from_disk: Path, from_hub: Path, hub_location: str):
+    names = sorted(p.name for p in from_disk.iterdir())
+    assert names == sorted(p.name for p in from_hub.iterdir())
+    assert any(n.endswith(".safetensors") for n in names)
+    for n in names:
+        a, b = (from_disk / n).read_bytes(), (from_hub / n).read_bytes()
+        if n in PROVENANCE_FILES:
+            assert hub_location.encode() in b
+            b = b.replace(hub_location.encode(), str(from_disk.parent / "src").encode())
+        assert a == b, n
+
+
+def test_convert_fast_from_hub_fetches_kept_bytes_and_matches_disk(fake_hub, wide, tmp_path):
+    s = convert_from_hub(fake_hub, wide, tmp_path / "from_hub")
+    assert_same_output(wide / "from_disk", tmp_path / "from_hub", s["source"])
+    src = wide / "src"
+    shards = [f for f in fake_hub.sent if f.endswith(".safetensors")]
+    headers = sum(min(_HEADER_PROBE, (src / f).stat().st_size) for f in shards)
+    small_files = sum((src / f).stat().st_size for f in fake_hub.sent if f not in shards)
+    kept = s["selected_source_bytes"]
+    repo_tensor_bytes = Checkpoint.open(src).total_bytes()
+    assert kept < 0.2 * repo_tensor_bytes  # the reduction keeps a small fraction
+    assert fake_hub.total_sent() <= 1.1 * kept + headers + small_files
+    assert s["bytes_read"] <= fake_hub.total_sent()
+
+
+def fresh_hub_cache(monkeypatch, path: Path) -> None:
+    """A new HF_HUB_CACHE, so a second run downloads the small files again like the first."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(path))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(path))
+
+
+def test_convert_fast_from_hub_survives_drops_and_5xx(fake_hub, wide, tmp_path, monkeypatch):
+    clean = convert_from_hub(fake_hub, wide, tmp_path / "clean")
+    clean_sent = fake_hub.total_sent()
+    fresh_hub_cache(monkeypatch, tmp_path / "cache2")
+    fake_hub.fail("status", 3, status=503)  # the first ranged requests (shard headers)
+    fake_hub.fail("status", 2, status=500, min_length=90_000)  # embed / lm_head (98 KB each)
+    fake_hub.fail("drop", 2, after=40_000, min_length=90_000)  # ... then cut mid-tensor twice
+    s = convert_from_hub(fake_hub, wide, tmp_path / "faulty")
+    assert all(f.count == 0 for f in fake_hub.faults)
+    assert_same_output(wide / "from_disk", tmp_path / "faulty", s["source"])
+    # Broken ranges resume where they stopped: no byte crosses the wire twice.
+    assert fake_hub.total_sent() == clean_sent
+    assert clean["source"] == s["source"]
+
+
+def test_dry_run_says_bytes_to_fetch_against_repo_total(fake_hub, wide, tmp_path, monkeypatch):
+    fake_hub.add("org/wide", wide / "src")
+    args = ["convert-fast", "-s", "org/wide", "-o", str(tmp_path / "x"), "--layers", "2", "--experts", "2", "--dry-run"]
+    fake_hub.reset_counts()
+    d = json.loads(CliRunner().invoke(cli, [*args, "--json"]).output)
+    assert d["planning_bytes_read"] == fake_hub.total_sent()  # what the dry run itself downloaded
+    text = CliRunner().invoke(cli, args).output
+    fresh_hub_cache(monkeypatch, tmp_path / "cache2")
+    assert not (tmp_path / "x").exists()
+    src = wide / "src"
+    assert d["source_total_bytes"] == sum(p.stat().st_size for p in src.iterdir())
+    assert "source bytes:" in text and " in the source (" in text
+    s = convert_from_hub(fake_hub, wide, tmp_path / "real")
+    copied = sum((src / f).stat().st_size for f in s["copied_files"])
+    planned = d["planning_bytes_read"] + d["bytes_to_read"]
+    # The dry run may count a copied file the run then finds in the Hub cache.
+    assert fake_hub.total_sent() <= planned <= fake_hub.total_sent() + copied
+    assert planned < 0.2 * d["source_total_bytes"]
