@@ -82,6 +82,10 @@ def _print_summary(s, plan, as_json: bool) -> None:
                + f"; total {_human(s.total_size)} in {s.shards} shard(s)")
     for n in s.notes:
         click.echo(f"  note: {n}")
+    if s.dry_run and s.source_total_bytes:
+        click.echo(f"  source bytes: {_human(s.planning_bytes_read + s.bytes_to_read)} to read "
+                   f"({_human(s.planning_bytes_read)} already read to plan) of {_human(s.source_total_bytes)} in the source "
+                   f"({100 * (s.planning_bytes_read + s.bytes_to_read) / s.source_total_bytes:.1f}%)")
     if not s.dry_run:
         rate = s.total_size / s.seconds / 1e6 if s.seconds else 0.0
         click.echo(f"  {s.tensors} tensors in {s.seconds:.1f} s ({rate:.0f} MB/s written); source bytes read {_human(s.bytes_read)} "

@@ -125,6 +125,10 @@ class ConvertSummary(BaseModel):
     dropped_files: list[str] = []
     dropped_source_tensors: int = 0
     notes: list[str] = []
+    # What a run costs against what the source holds (for a Hub repo: bytes downloaded).
+    source_total_bytes: int = 0  # every file in the source
+    planning_bytes_read: int = 0  # read before writing: config, index, shard headers, scoring inputs
+    bytes_to_read: int = 0  # still to read by a run: selected tensors (with scales) and copied files
 
 
 @dataclass
@@ -180,6 +184,9 @@ def _summary(p: Prepared, output: str, *, dry_run: bool, max_shard_bytes: int) -
         dropped_files=p.dropped,
         dropped_source_tensors=len(set(p.ck.tensors) - used),
         notes=p.plan.notes,
+        source_total_bytes=sum(p.ck.source.size(f) for f in p.ck.source.list_files()),
+        planning_bytes_read=p.ck.source.bytes_read,
+        bytes_to_read=sum(selected_bytes(p.ck, j) for j in p.jobs) + sum(p.ck.source.size(f) for f in p.copy),
     )
 
 
