@@ -236,3 +236,36 @@ def test_tiktoken_source_without_tiktoken_is_one_clear_error(tiny_fixture, tmp_p
     monkeypatch.setattr(builtins, "__import__", no_tiktoken)
     with pytest.raises(UsageError, match="tiktoken.model needs the tiktoken package"):
         load_tokenizer(Checkpoint.open(src))
+
+
+def test_analyze_then_convert_at_two_ratios_loads_in_transformers(tiny_fixture, tmp_path):
+    """One analysis.json, two reduced checkpoints (3 layers x 4 experts, 2 x 2), both load in
+    transformers with nothing missing or unexpected, keep what the analysis ranks highest, and run."""
+    from transformers import DeepseekV3ForCausalLM
+
+    runner = CliRunner()
+    an = tmp_path / "analysis.json"
+    r = runner.invoke(cli, ["analyze", "-s", str(tiny_fixture.path), "-o", str(an), "--samples", "2", "--seq-len", "16",
+                            "--nll", "--nll-samples", "1", "-q", "--no-plots"])
+    assert r.exit_code == 0, r.output
+    a = Analysis.load(an)
+    ids = torch.tensor([[3, 17, 250, 9, 41, 7]])
+    for layers, experts in ((3, 4), (2, 2)):
+        out = tmp_path / f"k2-{layers}x{experts}"
+        r = runner.invoke(cli, ["convert", "-s", str(tiny_fixture.path), "--analysis", str(an), "--layers", str(layers),
+                                "--experts", str(experts), "-o", str(out), "--no-progress"])
+        assert r.exit_code == 0, r.output
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["num_hidden_layers"] == layers and cfg["n_routed_experts"] == experts
+        model, info = DeepseekV3ForCausalLM.from_pretrained(out, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        with torch.no_grad():
+            logits = model(ids).logits
+        assert logits.shape == (1, 6, tiny_fixture.config["vocab_size"]) and torch.isfinite(logits).all()
+        # With an analysis the default expert strategy is REAP: every kept MoE layer keeps its
+        # top-REAP experts (expert_map is keyed by output layer index).
+        prov = cfg["k2mini"]
+        assert prov["expert_strategy"] == "reap" and prov["expert_map"]
+        for out_layer, kept in prov["expert_map"].items():
+            reap = a.layers[prov["source_layers"][int(out_layer)]].experts.reap
+            assert sorted(kept) == sorted(sorted(range(len(reap)), key=lambda e: (-reap[e], e))[:experts])
