@@ -79,16 +79,18 @@ class ExpertCache:
         n = sum(self.ck.info(name).numel for name in expert_names(*key))
         return n * torch.empty((), dtype=self.dtype).element_size()
 
-    @contextlib.contextmanager
-    def pinned(self, keys: Iterable[Key]) -> Iterator[None]:
-        keys = set(keys)
+    @property
+    def prefetching(self) -> bool:
+        return self._pool is not None
+
+    def pin(self, keys: Iterable[Key]) -> None:
+        """Keep these experts from eviction until unpinned (the current layer's working set)."""
         with self._lock:
-            self._pinned |= keys
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._pinned -= keys
+            self._pinned |= set(keys)
+
+    def unpin(self, keys: Iterable[Key]) -> None:
+        with self._lock:
+            self._pinned -= set(keys)
 
     def get(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [2I, H], down [H, I]) of an expert, from whichever tier has it."""

@@ -33,14 +33,17 @@ class OffloadedExperts(nn.Module):
         final_hidden_states = torch.zeros_like(hidden_states)
         experts = [e for e in torch.unique(top_k_index).tolist() if 0 <= e < self.num_experts]
         keys = [(self.layer, e) for e in experts]
-        with self.cache.pinned(keys):
-            weights = {e: self.cache.get((self.layer, e)) for e in experts}
-            if self.next_router is not None and self.cache._pool is not None:
+        # Pinned so that prefetches for the next layer cannot evict them before use; fetched
+        # one at a time so at most one expert beyond the budget is ever held here.
+        self.cache.pin(keys)
+        try:
+            if self.next_router is not None and self.cache.prefetching:
                 with torch.no_grad():
                     _, _, guess = self.next_router(hidden_states)
                 self.cache.prefetch((self.next_layer, e) for e in torch.unique(guess).tolist())
-            for e in experts:
-                gate_up_proj, down_proj = weights[e]
+            for key in keys:
+                e = key[1]
+                gate_up_proj, down_proj = self.cache.get(key)
                 with torch.no_grad():
                     top_k_pos, token_idx = torch.where((top_k_index == e).T)
                 current_state = hidden_states[token_idx]
@@ -49,4 +52,8 @@ class OffloadedExperts(nn.Module):
                 current_hidden_states = nn.functional.linear(current_hidden_states, down_proj)
                 current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
                 final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+                del gate_up_proj, down_proj
+                self.cache.unpin([key])
+        finally:
+            self.cache.unpin(keys)
         return final_hidden_states
