@@ -48,22 +48,39 @@ class FakeHub:
         self.authorizations: list[str | None] = []  # Authorization header of each request
         self.faults: list[Fault] = []
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # Like the Hub: with cdn on, a ranged GET on /resolve is redirected to a signed URL on
+        # another origin (here another port), which goes stale when expire_cdn() is called.
+        self.cdn = False
+        self.cdn_generation = 0
+        self._servers = [ThreadingHTTPServer(("127.0.0.1", 0), _handler(self)) for _ in range(2)]
+        self._server, self._cdn_server = self._servers
+        for srv in self._servers:
+            srv.daemon_threads = True
+        self._threads = [threading.Thread(target=srv.serve_forever, daemon=True) for srv in self._servers]
 
     @property
     def endpoint(self) -> str:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
+    @property
+    def cdn_endpoint(self) -> str:
+        host, port = self._cdn_server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def expire_cdn(self) -> None:
+        with self._lock:
+            self.cdn_generation += 1
+
     def __enter__(self) -> FakeHub:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        for srv in self._servers:
+            srv.shutdown()
+            srv.server_close()
 
     # -- repo content ------------------------------------------------------------------
 
@@ -183,7 +200,16 @@ def _handler(hub: FakeHub):
                 path = repo.commits[sha] / rel
                 if not path.is_file():
                     return self._error(404, "EntryNotFound", head, {"X-Repo-Commit": sha})
+                if hub.cdn and not head and "Range" in self.headers:
+                    target = f"{hub.cdn_endpoint}/cdn/{repo_id}/{sha}/{rel}?generation={hub.cdn_generation}"
+                    return self._reply(302, b"", {"Location": target, "X-Repo-Commit": sha})
                 return self._file(path, rel, sha, head)
+            if len(parts) >= 5 and parts[0] == "cdn":
+                repo_id, sha, rel = f"{parts[1]}/{parts[2]}", parts[3], "/".join(parts[4:])
+                repo = hub.repos.get(repo_id)
+                if repo is None or sha not in repo.commits or url.query != f"generation={hub.cdn_generation}":
+                    return self._reply(403, b"expired", {})
+                return self._file(repo.commits[sha] / rel, rel, sha, head)
             self._error(404, "RepoNotFound", head)
 
         def _file(self, path: Path, rel: str, sha: str, head: bool):

@@ -41,6 +41,7 @@ def fake_hub(hub, tiny_fixture, monkeypatch, tmp_path):
     """huggingface_hub aimed at the loopback server, a fresh HF_HOME, and no other network."""
     hub.repos.clear()
     hub.faults.clear()
+    hub.cdn = False
     hub.add("org/tiny", tiny_fixture.path)
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
@@ -159,6 +160,29 @@ def test_dropped_connections_and_5xx_are_retried_and_resumed(fake_hub, tiny_fixt
         f"bytes={t.offset + 25_000}-{end}",
     ]
     assert ck.source.bytes_read - before == fake_hub.total_sent() == t.nbytes
+
+
+def test_cdn_redirect_is_followed_once_per_file_without_the_token(fake_hub, tiny_fixture, monkeypatch):
+    fake_hub.cdn = True
+    monkeypatch.setenv("HF_TOKEN", "hf_loopbacktesttoken")
+    ck = Checkpoint.open("org/tiny")
+    fake_hub.reset_counts()
+    for name, t in ck.tensors.items():
+        assert raw_bytes(ck, name) == file_bytes(tiny_fixture.path, t.file, t.offset, t.nbytes), name
+    resolves = [p for _, p, _ in fake_hub.requests if "/resolve/" in p]
+    cdn = [i for i, (_, p, _) in enumerate(fake_hub.requests) if p.startswith("/cdn/")]
+    # The redirect is asked once per shard (open resolved them already), then the signed URL is reused.
+    assert resolves == [] and len(cdn) == len(ck.tensors) - sum(t.nbytes == 0 for t in ck.tensors.values())
+    assert all(fake_hub.authorizations[i] is None for i in cdn)  # the token never leaves the Hub origin
+    assert ck.source.bytes_read > 0 and fake_hub.total_sent() == ck.total_bytes()
+
+    fake_hub.expire_cdn()  # signatures go stale: the next read resolves again
+    fake_hub.reset_counts()
+    t = next(iter(ck.tensors.values()))
+    assert raw_bytes(ck, t.name) == file_bytes(tiny_fixture.path, t.file, t.offset, t.nbytes)
+    paths = [p.split("/")[1] for _, p, _ in fake_hub.requests]
+    assert paths == ["cdn", "org", "cdn"]  # stale signed URL (403), resolve (302), new signed URL
+    assert fake_hub.authorizations[1] == "Bearer hf_loopbacktesttoken"
 
 
 def test_persistent_5xx_gives_one_line(fake_hub):

@@ -43,6 +43,11 @@ _TRANSIENT = (httpx2.TransportError,)
 # schedule as huggingface_hub's http_backoff). Module-level so tests can shorten it.
 RETRY_WAIT = 1.0
 MAX_WAIT = 8.0
+# The Hub answers a resolve URL with a redirect to a signed CDN URL (two round trips per
+# range). The signed URL is reused for this long, then resolved again; signatures last longer.
+LOCATION_TTL = 300.0
+# A stale signed URL answers one of these; the range is then asked of the resolve URL again.
+_EXPIRED_STATUS = frozenset({401, 403, 404, 410})
 
 
 def parse_repo_location(location: str) -> tuple[str, str | None] | None:
@@ -114,6 +119,7 @@ class HubSource:
         self._headers = build_hf_headers(token=token)
         # Exact byte counts: a compressed body would not match the Range we asked for.
         self._headers["Accept-Encoding"] = "identity"
+        self._locations: dict[str, tuple[str, float]] = {}  # rel -> (signed CDN URL, when resolved)
 
     # -- error mapping -----------------------------------------------------------------
 
@@ -229,14 +235,28 @@ class HubSource:
                 if failures:
                     self._sleep(failures)
 
+    def _location(self, rel: str) -> str | None:
+        with self._lock:
+            hit = self._locations.get(rel)
+        return hit[0] if hit is not None and time.monotonic() - hit[1] < LOCATION_TTL else None
+
     def _fetch(self, url: str, rel: str, offset: int, n: int, progress: list[int], out: memoryview) -> None:
         start, end = offset + progress[0], offset + n - 1
         headers = {**self._headers, "Range": f"bytes={start}-{end}"}
         where = f"{self.description}/{rel}"
+        cdn = self._location(rel)
+        if cdn is not None:
+            url = cdn
+            if httpx2.URL(cdn).origin != httpx2.URL(self.endpoint).origin:
+                headers.pop("authorization", None)  # the token is for the Hub only, as httpx does on redirects
         with self._lock:
             self.requests += 1
         try:
             with get_session().stream("GET", url, headers=headers, timeout=self.timeout) as r:
+                if cdn is not None and r.status_code in _EXPIRED_STATUS:
+                    with self._lock:
+                        self._locations.pop(rel, None)
+                    raise _Transient(f"signed URL answered HTTP {r.status_code}")
                 if r.status_code in _RETRY_STATUS:
                     raise _Transient(f"HTTP {r.status_code}")
                 if r.status_code >= 400:
@@ -261,6 +281,9 @@ class HubSource:
                         )
                 else:
                     raise CheckpointError(f"unexpected HTTP {r.status_code} for a Range request", path=where)
+                if cdn is None and r.history:
+                    with self._lock:
+                        self._locations[rel] = (str(r.url), time.monotonic())
                 try:
                     for chunk in r.iter_raw():
                         k = len(chunk)
