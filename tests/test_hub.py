@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from huggingface_hub import constants
 
 from k2mini.checkpoint import hub as hubmod
-from k2mini.checkpoint.hub import HubSource, open_source, parse_repo_location
+from k2mini.checkpoint.hub import HubSource, RangeCache, open_source, parse_repo_location
 from k2mini.checkpoint.reader import _HEADER_PROBE, Checkpoint
 from k2mini.checkpoint.source import LocalSource
 from k2mini.cli import cli
@@ -47,6 +47,7 @@ def fake_hub(hub, tiny_fixture, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("K2MINI_CACHE_DIR", raising=False)
     # huggingface_hub reads these once at import (transformers imported it long before this test).
     monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
@@ -347,3 +348,46 @@ def test_dry_run_says_bytes_to_fetch_against_repo_total(fake_hub, wide, tmp_path
     # The dry run may count a copied file the run then finds in the Hub cache.
     assert fake_hub.total_sent() <= planned <= fake_hub.total_sent() + copied
     assert planned < 0.2 * d["source_total_bytes"]
+
+
+def test_range_cache_serves_a_later_run_and_stays_bounded(fake_hub, wide, tmp_path, monkeypatch):
+    monkeypatch.setenv("K2MINI_CACHE_DIR", str(tmp_path / "ranges"))
+    first = convert_from_hub(fake_hub, wide, tmp_path / "first")
+    assert any(f.endswith(".safetensors") for f in fake_hub.sent)
+    fresh_hub_cache(monkeypatch, tmp_path / "cache2")
+    second = convert_from_hub(fake_hub, wide, tmp_path / "second")
+    # Headers, scoring inputs and tensors all come from the range cache: no shard byte is sent.
+    assert not any(f.endswith(".safetensors") for f in fake_hub.sent), dict(fake_hub.sent)
+    assert_same_output(wide / "from_disk", tmp_path / "second", second["source"])
+    assert first["source"] == second["source"]
+
+    limit = 200_000
+    monkeypatch.setenv("K2MINI_CACHE_DIR", str(tmp_path / "small"))
+    monkeypatch.setenv("K2MINI_CACHE_SIZE", str(limit))
+    convert_from_hub(fake_hub, wide, tmp_path / "third")
+    assert 0 < sum(p.stat().st_size for p in (tmp_path / "small").rglob("*") if p.is_file()) <= limit
+
+
+def test_range_cache_drops_least_recently_used(tmp_path):
+    c = RangeCache(tmp_path, max_bytes=250)
+    for off in (0, 100, 200):
+        c.put("sha", "a.safetensors", off, memoryview(bytes([off // 100]) * 100))
+        if off == 100:
+            assert c.get("sha", "a.safetensors", 0, memoryview(bytearray(100)))  # 0 is now newer than 100
+    buf = bytearray(100)
+    assert not c.get("sha", "a.safetensors", 100, memoryview(buf))
+    assert c.get("sha", "a.safetensors", 0, memoryview(buf)) and buf == bytes([0]) * 100
+    assert c.get("sha", "a.safetensors", 200, memoryview(buf)) and buf == bytes([2]) * 100
+    assert not c.get("other-sha", "a.safetensors", 200, memoryview(buf))  # another commit never hits
+    again = RangeCache(tmp_path, max_bytes=250)  # a later run starts from what is on disk
+    assert again.get("sha", "a.safetensors", 200, memoryview(buf))
+
+
+def test_analyze_from_hub_matches_disk(fake_hub, tiny_fixture, tmp_path):
+    args = ["--samples", "2", "--seq-len", "16", "--no-plots", "-q"]
+    r1 = CliRunner().invoke(cli, ["analyze", "-s", str(tiny_fixture.path), "-o", str(tmp_path / "disk.json"), *args])
+    r2 = CliRunner().invoke(cli, ["analyze", "-s", "org/tiny", "-o", str(tmp_path / "hub.json"), *args])
+    assert r1.exit_code == r2.exit_code == 0, r2.output
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("disk.json", "hub.json"))
+    assert b["source"].pop("location").startswith("org/tiny@") and a["source"].pop("location")
+    assert a == b

@@ -16,6 +16,7 @@ import os
 import re
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import httpx2
@@ -33,7 +34,7 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from k2mini.checkpoint.source import LocalSource, Source, check_relative
-from k2mini.errors import CheckpointError
+from k2mini.errors import CheckpointError, UsageError
 
 # ``org/name`` or ``org/name@revision`` (a revision may itself contain slashes: refs/pr/3).
 _REPO_LOCATION = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<rev>\S+))?$")
@@ -59,13 +60,94 @@ def parse_repo_location(location: str) -> tuple[str, str | None] | None:
 
 
 def open_source(location: str | os.PathLike) -> Source:
-    """An existing local path stays local; ``org/name[@revision]`` that is not one is a Hub repo."""
+    """An existing local path stays local; ``org/name[@revision]`` that is not one is a Hub repo.
+
+    ``K2MINI_CACHE_DIR`` (and ``K2MINI_CACHE_SIZE``, default 50G) keep the tensor ranges a
+    Hub run fetched, so that a convert after an analyze of the same commit reads them locally.
+    """
     text = os.fspath(location)
     if not Path(text).exists():
         parsed = parse_repo_location(text)
         if parsed is not None:
-            return HubSource(*parsed)
+            cache_dir = os.environ.get("K2MINI_CACHE_DIR")
+            cache = RangeCache(cache_dir, parse_bytes(os.environ.get("K2MINI_CACHE_SIZE", "50G"), "K2MINI_CACHE_SIZE")) if cache_dir else None
+            return HubSource(*parsed, cache=cache)
     return LocalSource(text)
+
+
+def parse_bytes(text: str, what: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if m is None:
+        raise UsageError(f"{what} {text!r}: expected a size like 50G or 500M")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+class RangeCache:
+    """Byte ranges fetched from the Hub, on local disk, least recently used dropped past ``max_bytes``.
+
+    Keyed by commit sha, file, offset and length: the reader asks for the same per-tensor
+    ranges in every command, so exact keys hit, and a pinned sha can never serve bytes of
+    another commit. Entries are written to a temporary name and renamed, so an interrupted
+    run leaves no short entry; a size mismatch on read is treated as a miss.
+    """
+
+    def __init__(self, root: str | os.PathLike, max_bytes: int):
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.hit_bytes = 0
+        self._lock = threading.Lock()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cache directory {root}: {e.strerror}") from None
+        # One scan at start; afterwards the LRU order is kept in memory.
+        found = [(p.stat().st_mtime_ns, p) for p in self.root.rglob("*.bin")]
+        self._lru: OrderedDict[Path, int] = OrderedDict((p, p.stat().st_size) for _, p in sorted(found))
+        self._total = sum(self._lru.values())
+
+    def _path(self, sha: str, rel: str, offset: int, n: int) -> Path:
+        return self.root / sha / rel / f"{offset}-{n}.bin"
+
+    def get(self, sha: str, rel: str, offset: int, out: memoryview) -> bool:
+        p = self._path(sha, rel, offset, len(out))
+        try:
+            with open(p, "rb") as f:
+                if f.readinto(out) != len(out) or f.read(1):
+                    return False
+        except OSError:
+            return False
+        with self._lock:
+            if p in self._lru:
+                self._lru.move_to_end(p)
+            self.hit_bytes += len(out)
+        try:
+            os.utime(p)  # the order a later run starts from
+        except OSError:
+            pass
+        return True
+
+    def put(self, sha: str, rel: str, offset: int, data: memoryview) -> None:
+        n = len(data)
+        if n > self.max_bytes:
+            return
+        p = self._path(sha, rel, offset, n)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}")
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, p)
+        except OSError:
+            # A full or read-only cache disk must not fail the run: the bytes are in memory.
+            tmp.unlink(missing_ok=True)
+            return
+        with self._lock:
+            self._total += n - self._lru.pop(p, 0)
+            self._lru[p] = n
+            while self._total > self.max_bytes and self._lru:
+                old, size = self._lru.popitem(last=False)
+                old.unlink(missing_ok=True)
+                self._total -= size
 
 
 class _Transient(Exception):
@@ -91,6 +173,7 @@ class HubSource:
         retry_wait: float | None = None,
         max_wait: float | None = None,
         timeout: float = 60.0,
+        cache: RangeCache | None = None,
     ):
         self.repo_id = repo_id
         self.requested_revision = revision
@@ -100,6 +183,7 @@ class HubSource:
         self.retry_wait = RETRY_WAIT if retry_wait is None else retry_wait
         self.max_wait = MAX_WAIT if max_wait is None else max_wait
         self.timeout = timeout
+        self.cache = cache
         self.bytes_read = 0
         self.requests = 0
         self._lock = threading.Lock()
@@ -208,15 +292,17 @@ class HubSource:
         body that breaks mid-stream surfaces in the caller's loop and cannot be resumed there,
         so one loop here handles both and asks again only for the bytes still missing.
         """
-        n = len(buf)
+        out = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+        n = len(out)
         size = self._known(rel)
         where = f"{self.description}/{rel}"
         if offset < 0 or offset + n > size:
             raise CheckpointError(f"truncated: wanted {n} bytes at offset {offset}, file has {size}", path=where)
         if n == 0:
             return
+        if self.cache is not None and self.cache.get(self.commit_sha, rel, offset, out):
+            return
         url = self.url(rel)
-        out = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
         progress = [0]  # bytes of buf filled; survives a broken attempt so the next resumes there
         failures = 0
         while progress[0] < n:
@@ -234,6 +320,8 @@ class HubSource:
                     ) from None
                 if failures:
                     self._sleep(failures)
+        if self.cache is not None:
+            self.cache.put(self.commit_sha, rel, offset, out)
 
     def _location(self, rel: str) -> str | None:
         with self._lock:
