@@ -54,7 +54,10 @@ def validate(out: str | Path, opts: ValidateOptions) -> ValidationReport:
     from k2mini.validate.memory import memory_plan
     from k2mini.validate.static import run_static
 
+    from k2mini.validate.runcheck import resolve_device
+
     opts.check()
+    device = resolve_device(opts.device) if "run" not in opts.skip else opts.device  # bad --device before any work
     profile = load_profile(opts.gpu) if opts.gpu and "memory" not in opts.skip else None
     ck = Checkpoint.open(out)
     report = ValidationReport(output=str(out), checks=opts.requested())
@@ -65,7 +68,7 @@ def validate(out: str | Path, opts: ValidateOptions) -> ValidationReport:
     if "run" not in opts.skip:
         from k2mini.validate.runcheck import run_checks
 
-        report.run, model, ids = run_checks(out, ck, device=opts.device, dtype=opts.dtype, n_seqs=opts.samples,
+        report.run, model, ids = run_checks(out, ck, device=device, dtype=opts.dtype, n_seqs=opts.samples,
                                             seq_len=opts.seq_len, max_new_tokens=opts.max_new_tokens)
         if opts.reference and model is not None:
             from k2mini.validate.reference import compare_with_source
