@@ -281,3 +281,9 @@ def test_convert_int4_one_pass_equals_convert_then_quantize(tiny_fixture, tmp_pa
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "one", dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.isfinite(model(torch.arange(3, 30).unsqueeze(0)).logits).all()
+
+
+def test_ignoring_routed_experts_is_refused(tiny_fixture, tmp_path):
+    r = run_cli("quantize", tiny_fixture.path, "--bits", "8", "--ignore", r"re:.*experts\.0\..*", "-o", tmp_path / "o")
+    assert r.exit_code == 2 and "routed expert model.layers.1.mlp.experts.0.gate_proj.weight" in r.output
+    assert not (tmp_path / "o").exists()

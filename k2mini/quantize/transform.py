@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from k2mini.checkpoint.names import TensorName, parse_name
+from k2mini.checkpoint.names import Role, TensorName, parse_name
 from k2mini.checkpoint.safetensors_format import PlannedTensor
 from k2mini.errors import UsageError
 from k2mini.quantize import intq
@@ -169,6 +169,19 @@ class IntTransform:
             raise UsageError(
                 f"--group-size {fmt.group_size} does not divide the input dimension {shape[1]} of {name} "
                 f"{list(shape)}; pick a group size that does, or --ignore {name[: -len('.weight')]}"
+            )
+        if (
+            self.opts.format == "compressed-tensors"
+            and parsed.role is Role.EXPERT
+            and is_linear_weight(parsed, shape)
+            and not fmt.quantizes(parsed, shape)
+        ):
+            # transformers 5.23 fuses a layer's experts through compressed-tensors' dequantize
+            # step, which passes on packed weights only: BF16 experts (all or some of a
+            # layer) are dropped and loading fails.
+            raise UsageError(
+                f"--ignore {' '.join(self.opts.ignore)}: matches routed expert {name}; compressed-tensors output must "
+                "quantize every routed expert (transformers cannot load BF16 experts under a compressed-tensors config)"
             )
         outputs = fmt.plan(parsed, dtype, shape)
         self.jobs[name] = TensorJob(name, parsed, shape, dtype, outputs, bytes_in)
