@@ -1,17 +1,26 @@
 """The source checkpoint is never modified: every command leaves every byte, size, mode and
-mtime of every file as it was, adds no file, and refuses to write its output inside it."""
+mtime of every file as it was, adds no file, and refuses to write its output inside it.
+
+The same run proves that no command executes the checkpoint's remote code. A real K2
+repository ships Python (configuration_deepseek.py, modeling_deepseek.py,
+tokenization_kimi.py) that transformers would run with trust_remote_code=True; here those
+files leave a marker file before raising, so an import is detected even if a caller
+swallowed the exception, and transformers' remote-code entry points are spied on."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from k2mini.cli import cli
+from k2mini.testing.fixtures import REMOTE_CODE_FILES
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
@@ -33,6 +42,41 @@ def source(tiny_fixture, tmp_path) -> Path:
     src = tmp_path / "src"
     shutil.copytree(tiny_fixture.path, src)
     return src
+
+
+@pytest.fixture
+def remote_code_trap(source, tmp_path, monkeypatch):
+    """Arm the source's remote-code files and transformers' remote-code entry points."""
+    import transformers.dynamic_module_utils as dmu
+
+    marker = tmp_path / "remote_code_ran"
+    for name in REMOTE_CODE_FILES:
+        assert (source / name).exists(), name
+        (source / name).write_text(
+            f"import pathlib\npathlib.Path({str(marker)!r}).write_text({name!r})\n"
+            'raise RuntimeError("remote code must never be executed")\n'
+        )
+    assert "modeling_deepseek.DeepseekV3ForCausalLM" in json.loads((source / "config.json").read_text())["auto_map"].values()
+    asked: list[object] = []
+
+    def spy_resolve(trust_remote_code, *args, **kwargs):
+        asked.append(trust_remote_code)
+        return False
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"remote class requested: {args}")
+
+    monkeypatch.setattr(dmu, "resolve_trust_remote_code", spy_resolve)
+    monkeypatch.setattr(dmu, "get_class_from_dynamic_module", refuse)
+
+    def check(command: str) -> None:
+        assert not marker.exists(), f"{command} executed {marker.read_text()} from the checkpoint"
+        inside = [m for m, mod in list(sys.modules.items()) if str(getattr(mod, "__file__", "") or "").startswith(str(source))]
+        assert not inside, f"{command} imported {inside}"
+        assert not any(m in sys.modules for m in ("configuration_deepseek", "modeling_deepseek", "tokenization_kimi"))
+        assert not any(asked), f"{command} asked transformers for trust_remote_code: {asked}"
+
+    return check
 
 
 def command_lines(src: Path, out: Path) -> dict[str, list[str]]:
@@ -68,7 +112,7 @@ def command_lines(src: Path, out: Path) -> dict[str, list[str]]:
     return cmds
 
 
-def test_every_command_leaves_the_source_byte_for_byte_unchanged(source, tmp_path):
+def test_every_command_leaves_the_source_unchanged_and_never_runs_its_code(source, remote_code_trap, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     before = snapshot(source)
@@ -81,8 +125,10 @@ def test_every_command_leaves_the_source_byte_for_byte_unchanged(source, tmp_pat
         after = snapshot(source)
         changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
         assert not changed, f"{name} changed the source: {changed}"
+        remote_code_trap(name)
     # At least the writing commands must have really run, or the check proves nothing.
     assert all(code == 0 for code in results.values()), results
+    assert {"inspect", "analyze", "convert", "convert-fast fp8", "quantize 8", "validate --reference", "run --offload"} <= set(results)
 
 
 WRITERS = ("analyze", "quantize 8", "convert", "convert-fast fp8")
