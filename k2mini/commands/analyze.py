@@ -84,7 +84,10 @@ def analyze_cmd(source, output, calib, samples, seq_len, seed, nll, nll_samples,
     tmp.replace(output)  # never a half-written analysis.json
     written = []
     if plots:
-        written = save_plots(result, output.with_suffix(""))
+        try:
+            written = save_plots(result, output.with_suffix(""))
+        except ImportError:
+            click.echo("k2mini: note: no plots (matplotlib is not installed: pip install 'k2mini[plots]')", err=True)
     if as_json:
         click.echo(result.model_dump_json(indent=1))
     else:
