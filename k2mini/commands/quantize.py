@@ -16,7 +16,8 @@ from k2mini.quantize.formats import FORMATS
 @click.option("--format", "fmt", default="compressed-tensors", show_default=True, help=f"One of: {', '.join(FORMATS)}.")
 @click.option("--ignore", multiple=True, metavar="PATTERN",
               help="Keep matching modules BF16 (repeatable): a module name or re:REGEX, compressed-tensors syntax. "
-                   "Router (mlp.gate), lm_head, embeddings and norms always stay BF16.")
+                   "Router (mlp.gate), lm_head, embeddings and norms always stay BF16; routed experts cannot be ignored "
+                   "in compressed-tensors output (transformers cannot load BF16 experts there).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="New output directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output (only once the new one is complete).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard (e.g. 5GB, 500MB, 2GiB).")
@@ -39,6 +40,8 @@ def quantize_cmd(source: str, bits: int, group_size: int | None, fmt: str, ignor
       k2mini quantize ./k2-mini-24x16 --bits 8 -o ./k2-mini-24x16-int8
       k2mini quantize ./k2-mini-24x16 --bits 4 --group-size 32 --ignore 're:.*self_attn.*' -o ./int4-g32
       k2mini quantize ./k2-mini-24x16 --bits 4 --format bnb -o ./k2-mini-bnb4
+      k2mini quantize ./Kimi-K2-Instruct --bits 4 -o ./k2-int4          # FP8 source, full size
+      k2mini convert -s ./Kimi-K2-Instruct --layers 24 --experts 16 --dtype int4 -o ./k2-mini-int4   # one pass
     """
     import json
 
