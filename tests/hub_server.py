@@ -18,6 +18,7 @@ import hashlib
 import json
 import socket
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,6 +52,7 @@ class FakeHub:
         # Like the Hub: with cdn on, a ranged GET on /resolve is redirected to a signed URL on
         # another origin (here another port), which goes stale when expire_cdn() is called.
         self.cdn = False
+        self.latency = 0.0  # seconds added before every answer (a benchmark's stand-in for distance)
         self.cdn_generation = 0
         self._servers = [ThreadingHTTPServer(("127.0.0.1", 0), _handler(self)) for _ in range(2)]
         self._server, self._cdn_server = self._servers
@@ -171,6 +173,8 @@ def _handler(hub: FakeHub):
         def _route(self, head: bool):
             url = urlsplit(self.path)
             parts = [unquote(p) for p in url.path.split("/")[1:]]
+            if hub.latency:
+                time.sleep(hub.latency)
             with hub._lock:
                 hub.requests.append((self.command, url.path, self.headers.get("Range")))
                 hub.authorizations.append(self.headers.get("Authorization"))
