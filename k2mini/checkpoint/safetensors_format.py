@@ -227,11 +227,13 @@ def write_shard(
     plan: list[PlannedTensor],
     data: Iterator[torch.Tensor],
     metadata: dict[str, str] | None = None,
+    fsync: bool = True,
 ) -> int:
     """Write one shard: the header, then each tensor as ``data`` yields it, in ``plan`` order.
 
-    Each yielded tensor must match its planned dtype and shape; the file is fsynced so a
-    finished shard survives a crash of what follows. Returns the bytes written.
+    Each yielded tensor must match its planned dtype and shape; the file is fsynced (unless
+    the caller fsyncs it later, e.g. in the background) so a finished shard survives a crash
+    of what follows. Returns the bytes written.
     """
     written = 0
     with open(path, "wb") as f:
@@ -241,8 +243,10 @@ def write_shard(
         for planned in plan:
             t = next(data)
             written += _write_tensor(f, planned, t)
+            del t  # else it stays alive while the next tensor is produced
         f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            os.fsync(f.fileno())
     return written
 
 

@@ -31,8 +31,10 @@ import hashlib
 import json
 import os
 import re
+import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,36 +180,35 @@ def write_sharded(
         (partial / JOURNAL_FILE).unlink(missing_ok=True)
     kept: dict[str, dict] = {}
     result = WriteResult([], {}, 0, 0, [])
-    for k, shard in enumerate(shards, start=1):
-        fname = shard_name(k, n)
-        plan = [t for u in shard for t in u.tensors]
-        head = encode_header(plan, _metadata())
-        path = partial / fname
-        result.shards.append(fname)
-        result.weight_map.update({t.name: fname for t in plan})
-        result.total_size += sum(t.nbytes for t in plan)
-        if fname in done and _shard_ok(path, head, done[fname]):
-            kept[fname] = done[fname]
-            result.reused_shards.append(fname)
-            if on_tensor:
-                for t in plan:
-                    on_tensor(t)
-            continue
-
-        def data(shard=shard) -> Iterator[torch.Tensor]:
-            for u in shard:
-                produced = list(u.produce())
-                if len(produced) != len(u.tensors):
-                    raise ValueError(f"{u.tensors[0].name}: producer returned {len(produced)} tensors for {len(u.tensors)} planned")
-                for t, planned in zip(produced, u.tensors):
-                    yield t
-                    if on_tensor:
-                        on_tensor(planned)
-
-        size = write_shard(path, plan, data(), _metadata())
-        result.bytes_written += size
-        kept[fname] = {"size": size, "tail_crc32": _tail_crc(path, size)}
-        _save_journal(partial, fingerprint, kept)
+    # A finished shard is fsynced and journaled on a background thread while the next one
+    # is read and written: the disk flushes one shard as we fill the next, instead of the
+    # whole run waiting on every flush. The journal only ever names fsynced shards.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2mini-fsync") as flusher:
+        pending = []
+        for k, shard in enumerate(shards, start=1):
+            fname = shard_name(k, n)
+            plan = [t for u in shard for t in u.tensors]
+            head = encode_header(plan, _metadata())
+            path = partial / fname
+            result.shards.append(fname)
+            result.weight_map.update({t.name: fname for t in plan})
+            result.total_size += sum(t.nbytes for t in plan)
+            if fname in done and _shard_ok(path, head, done[fname]):
+                with _journal_lock:
+                    kept[fname] = done[fname]
+                result.reused_shards.append(fname)
+                if on_tensor:
+                    for t in plan:
+                        on_tensor(t)
+                continue
+            size = write_shard(path, plan, _produce(shard, on_tensor), _metadata(), fsync=False)
+            result.bytes_written += size
+            pending.append(flusher.submit(_flush_and_journal, partial, fingerprint, kept, fname, path, size))
+            for f in pending:  # surface a failed flush now, not after the last shard
+                if f.done():
+                    f.result()
+        for f in pending:
+            f.result()
     # Shards of an earlier, different layout would otherwise ride along into the output.
     for p in partial.glob("model-*-of-*.safetensors"):
         if p.name not in kept:
@@ -215,6 +216,34 @@ def write_sharded(
     index = {"metadata": {"total_size": result.total_size}, "weight_map": dict(sorted(result.weight_map.items()))}
     write_file(partial / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
     return result
+
+
+def _produce(shard: list[WriteUnit], on_tensor) -> Iterator[torch.Tensor]:
+    for u in shard:
+        produced = list(u.produce())
+        if len(produced) != len(u.tensors):
+            raise ValueError(f"{u.tensors[0].name}: producer returned {len(produced)} tensors for {len(u.tensors)} planned")
+        produced.reverse()
+        for planned in u.tensors:
+            # Popped so that no reference outlives its write (peak memory: one unit).
+            yield produced.pop()
+            if on_tensor:
+                on_tensor(planned)
+
+
+_journal_lock = threading.Lock()
+
+
+def _flush_and_journal(partial: Path, fingerprint: str, kept: dict[str, dict], fname: str, path: Path, size: int) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    entry = {"size": size, "tail_crc32": _tail_crc(path, size)}
+    with _journal_lock:
+        kept[fname] = entry
+        _save_journal(partial, fingerprint, dict(kept))
 
 
 def write_file(path: Path, data: bytes) -> None:

@@ -121,7 +121,6 @@ def run(
     if not dry_run:
         check_output(output, source=source, overwrite=overwrite, resume=resume, flag="--output")
     ck = Checkpoint.open(source)
-    read_at_open = ck.source.bytes_read
     transform = make_transform(pick(dtype, p and p.dtype, "bf16"))
     if plan_path is not None:
         if any(v is not None for v in (layers, experts, top_k, keep_layers, keep_experts, analysis, layer_strategy, expert_strategy)):
@@ -153,7 +152,7 @@ def run(
     else:
         summary = run_convert(prepared, output, max_shard_bytes=shard_bytes, overwrite=overwrite, resume=resume,
                               progress=not no_progress)
-        summary.bytes_read += read_at_open
+        summary.bytes_read = ck.source.bytes_read  # everything since open: headers, scoring, files, tensors
     _print_summary(summary, plan, as_json)
     return summary
 

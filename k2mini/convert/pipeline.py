@@ -23,6 +23,7 @@ from k2mini.checkpoint.reader import INDEX_FILE, Checkpoint
 from k2mini.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, WriteUnit, planned_bytes, write_file, write_sharded
 from k2mini.convert.card import model_card
 from k2mini.convert.config import fixed_config
+from k2mini.convert.prefetch import PrefetchedCheckpoint, Prefetcher
 from k2mini.convert.transforms import TensorJob, Transform, selected_bytes
 from k2mini.errors import CheckpointError
 from k2mini.model.spec import ModelSpec
@@ -66,6 +67,18 @@ def plan_jobs(ck: Checkpoint, plan: Plan) -> list[TensorJob]:
     if not spec.tie_word_embeddings:
         add("lm_head.weight", "lm_head.weight")
     return jobs
+
+
+def _read_order(ck: Checkpoint, jobs: list[TensorJob]) -> list[str]:
+    # The order the transforms ask for raw tensors: each weight, then its scale grid.
+    order = []
+    for j in jobs:
+        if j.rows is None:
+            order.append(j.source)
+            s = ck.scale_of(j.source) if ck.info(j.source).dtype == "F8_E4M3" else None
+            if s is not None:
+                order.append(s.name)
+    return order
 
 
 def _check_problems(ck: Checkpoint, jobs: list[TensorJob]) -> None:
@@ -223,10 +236,16 @@ def run_convert(
                           src_layers=int(ck.config["num_hidden_layers"]), src_experts=int(ck.config.get("n_routed_experts") or 0))
         write_file(od.partial / "README.md", card.encode())
         tensor_read0 = ck.source.bytes_read
-        with tqdm(total=summary.total_size, unit="B", unit_scale=True, desc="convert", disable=not progress or None,
-                  dynamic_ncols=True, leave=False) as bar:
-            res = write_sharded(od.partial, p.units, max_shard_bytes=max_shard_bytes, resume=resume and od.resumed,
-                                key=key, on_tensor=lambda t: bar.update(t.nbytes))
+        prefetcher = Prefetcher(ck, _read_order(ck, p.jobs))
+        pck = PrefetchedCheckpoint(ck, prefetcher)
+        units = [WriteUnit(u.tensors, (lambda j=j: p.transform.produce(pck, j))) for u, j in zip(p.units, p.jobs)]
+        try:
+            with tqdm(total=summary.total_size, unit="B", unit_scale=True, desc="convert", disable=not progress or None,
+                      dynamic_ncols=True, leave=False) as bar:
+                res = write_sharded(od.partial, units, max_shard_bytes=max_shard_bytes, resume=resume and od.resumed,
+                                    key=key, on_tensor=lambda t: bar.update(t.nbytes))
+        finally:
+            prefetcher.close()
         summary.tensor_bytes_read = ck.source.bytes_read - tensor_read0
         od.commit()
     summary.bytes_read = ck.source.bytes_read - read0

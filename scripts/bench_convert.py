@@ -1,0 +1,192 @@
+"""convert benchmark on a real-dims fixture (K2 tensor shapes), measured in one run:
+
+1. Wall time of `convert-fast` (fp8 pass-through and bf16 dequant) against a plain
+   sequential read of the same selected source bytes, in the same order, both from a cold
+   page cache (the source files are evicted with posix_fadvise DONTNEED before each run).
+   Targets: fp8 within 1.5x, bf16 within 2.5x of the plain read.
+2. Peak RSS (VmHWM of a fresh process) of each convert, against 2 x the largest output
+   tensor + 500 MB, and on a fixture with twice the layers (must not grow).
+
+    python scripts/bench_convert.py [--dir /tmp/k2mini-bench] [--layers 3] [--experts 4] [--no-double]
+
+Fixtures are built under --dir (reused when present); outputs are removed after each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _vm_hwm() -> int:
+    # getrusage would include the parent's peak from before exec.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+
+def evict(src: Path) -> None:
+    for p in src.glob("*.safetensors"):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def child_read(src: str, experts: int) -> dict:
+    """Plain sequential read of exactly the bytes convert selects, in its order."""
+    from k2mini.checkpoint.reader import Checkpoint
+    from k2mini.convert.pipeline import plan_jobs
+    from k2mini.convert.transforms import TensorJob
+    from k2mini.selection.build import build_plan
+    from k2mini.selection.context import SelectOptions
+
+    ck = Checkpoint.open(src)
+    plan = build_plan(ck, SelectOptions(experts=experts))
+    ranges = []
+    for j in plan_jobs(ck, plan):
+        t = ck.info(j.source)
+        if j.rows is not None:
+            rb = t.nbytes // t.shape[0]
+            ranges += [(t.file, t.offset + r * rb, rb) for r in j.rows]
+        else:
+            ranges.append((t.file, t.offset, t.nbytes))
+        s = ck.scale_of(j.source) if isinstance(j, TensorJob) and t.dtype == "F8_E4M3" else None
+        if s is not None:
+            ranges.append((s.file, s.offset, s.nbytes))
+    buf = bytearray(max(n for _, _, n in ranges))
+    mv = memoryview(buf)
+    fds = {}
+    evict(Path(src))
+    t0 = time.perf_counter()
+    total = 0
+    for f, off, n in ranges:
+        fd = fds.get(f) or fds.setdefault(f, os.open(Path(src) / f, os.O_RDONLY))
+        done = 0
+        while done < n:
+            done += os.preadv(fd, [mv[done:n]], off + done)
+        total += n
+    return {"seconds": time.perf_counter() - t0, "bytes": total}
+
+
+def child_convert(src: str, out: str, experts: int, dtype: str) -> dict:
+    import contextlib
+    import io
+
+    from k2mini.cli import cli
+
+    evict(Path(src))
+    t0 = time.perf_counter()
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        try:
+            cli(["convert-fast", "-s", src, "-o", out, "--experts", str(experts), "--dtype", dtype, "--json", "--no-progress"],
+                prog_name="k2mini", standalone_mode=False)
+        except SystemExit as exc:
+            if exc.code:
+                raise
+    wall = time.perf_counter() - t0
+    s = json.loads(buf.getvalue())
+    import json as _j
+
+    idx = _j.loads((Path(out) / "model.safetensors.index.json").read_text())
+    largest = 0
+    from safetensors import safe_open
+
+    for f in sorted(set(idx["weight_map"].values())):
+        with safe_open(Path(out) / f, "pt") as so:
+            for k in so.keys():
+                sl = so.get_slice(k)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                largest = max(largest, n * {"BF16": 2, "F32": 4, "F8_E4M3": 1}[sl.get_dtype()])
+    return {"seconds": wall, "peak_rss": _vm_hwm(), "largest_tensor": largest, "written": s["total_size"],
+            "selected": s["selected_source_bytes"], "bytes_read": s["bytes_read"]}
+
+
+def run_child(*args) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(r.stderr[-3000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def fixture(base: Path, layers: int) -> Path:
+    src = base / f"real-dims-{layers}L"
+    if not (src / "model.safetensors.index.json").exists():
+        from k2mini.testing import build_fixture
+
+        print(f"building real-dims fixture with {layers} layers in {src} ...", file=sys.stderr)
+        shutil.rmtree(src, ignore_errors=True)
+        build_fixture(src, "real-dims", num_hidden_layers=layers)
+    return src
+
+
+def bench(src: Path, base: Path, experts: int) -> dict:
+    size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    res = {"fixture": str(src), "fixture_bytes": size}
+    res["plain_read"] = run_child("read", src, experts)
+    for dtype in ("fp8", "bf16"):
+        out = base / f"out-{dtype}"
+        shutil.rmtree(out, ignore_errors=True)
+        c = run_child("convert", src, out, experts, dtype)
+        shutil.rmtree(out, ignore_errors=True)
+        c["ratio_vs_plain_read"] = c["seconds"] / res["plain_read"]["seconds"]
+        c["rss_bound"] = 2 * c["largest_tensor"] + 500 * 10**6
+        res[dtype] = c
+    res["plain_read_after"] = run_child("read", src, experts)
+    return res
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        kind, *a = sys.argv[2:]
+        out = child_read(a[0], int(a[1])) if kind == "read" else child_convert(a[0], a[1], int(a[2]), a[3])
+        print(json.dumps(out))
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/k2mini-bench"))
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--experts", type=int, default=4, help="experts kept of the fixture's 8")
+    ap.add_argument("--no-double", action="store_true", help="skip the run on a fixture with twice the layers")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    args.dir.mkdir(parents=True, exist_ok=True)
+    runs = [bench(fixture(args.dir, args.layers), args.dir, args.experts)]
+    if not args.no_double:
+        runs.append(bench(fixture(args.dir, 2 * args.layers), args.dir, args.experts))
+    if args.json:
+        print(json.dumps(runs, indent=1))
+        return
+    targets = {"fp8": 1.5, "bf16": 2.5}
+    for r in runs:
+        pr = r["plain_read"]
+        print(f"{r['fixture']} ({r['fixture_bytes'] / 1e9:.2f} GB), experts kept {args.experts}/8")
+        print(f"  plain sequential read of the selected {pr['bytes'] / 1e9:.2f} GB: {pr['seconds']:.2f} s "
+              f"({pr['bytes'] / pr['seconds'] / 1e9:.2f} GB/s); again after the converts: {r['plain_read_after']['seconds']:.2f} s")
+        for dtype in ("fp8", "bf16"):
+            c = r[dtype]
+            ok = "OK" if c["ratio_vs_plain_read"] <= targets[dtype] else "MISSED"
+            rss_ok = "OK" if c["peak_rss"] <= c["rss_bound"] else "MISSED"
+            print(f"  convert-fast --dtype {dtype}: {c['seconds']:.2f} s = {c['ratio_vs_plain_read']:.2f}x the plain read "
+                  f"(target {targets[dtype]}x: {ok}); wrote {c['written'] / 1e9:.2f} GB; read {c['bytes_read'] / 1e9:.3f} GB for "
+                  f"{c['selected'] / 1e9:.3f} GB selected ({c['bytes_read'] / c['selected']:.3f}x)")
+            print(f"    peak RSS {c['peak_rss'] / 1e6:.0f} MB vs bound {c['rss_bound'] / 1e6:.0f} MB "
+                  f"(2 x largest tensor {c['largest_tensor'] / 1e6:.0f} MB + 500 MB): {rss_ok}")
+    if len(runs) == 2:
+        for dtype in ("fp8", "bf16"):
+            a, b = runs[0][dtype]["peak_rss"], runs[1][dtype]["peak_rss"]
+            print(f"peak RSS {dtype}: {a / 1e6:.0f} MB at {args.layers} layers, {b / 1e6:.0f} MB at {2 * args.layers} layers ({b / a:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
