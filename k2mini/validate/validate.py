@@ -62,7 +62,8 @@ def validate(out: str | Path, opts: ValidateOptions) -> ValidationReport:
     ck = Checkpoint.open(out)
     report = ValidationReport(output=str(out), checks=opts.requested())
     if "static" not in opts.skip or "scan" not in opts.skip:
-        report.static = run_static(ck, scan="scan" not in opts.skip, progress=opts.progress)
+        report.static = run_static(ck, headers="static" not in opts.skip, scan="scan" not in opts.skip,
+                                   progress=opts.progress)
     if profile is not None:
         report.memory = memory_plan(ck.config, profile, context=opts.context, batch=opts.batch, ck=ck)
     if "run" not in opts.skip:
