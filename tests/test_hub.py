@@ -221,6 +221,18 @@ def test_missing_shard_and_missing_file(fake_hub, tiny_fixture, tmp_path):
         src.read_bytes("generation_config.bin")
 
 
+def test_unreachable_endpoint_is_one_line_after_retries(fake_hub, monkeypatch):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", dead)
+    r = CliRunner().invoke(cli, ["inspect", "org/tiny"])
+    assert r.exit_code == 2
+    assert r.output.strip() == (
+        f"k2mini: error: org/tiny: no local directory of that name, and resolving the revision failed on {dead}: ConnectError"
+    )
+
+
 def test_offline_mode_is_one_line(fake_hub, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE is set"):

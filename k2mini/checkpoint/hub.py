@@ -240,7 +240,9 @@ class HubSource:
                 failures += 1
                 if not transient or failures > self.max_retries:
                     reason = f"HTTP {status}" if status else type(e).__name__
-                    raise CheckpointError(f"{what} failed on {self.endpoint}: {reason}", path=where) from None
+                    # Before the revision is resolved the name may as well have been a mistyped path.
+                    hint = "no local directory of that name, and " if not hasattr(self, "commit_sha") else ""
+                    raise CheckpointError(f"{hint}{what} failed on {self.endpoint}: {reason}", path=where) from None
                 self._sleep(failures)
 
     def _sleep(self, failures: int) -> None:
