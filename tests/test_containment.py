@@ -127,6 +127,8 @@ def test_package_never_passes_trust_remote_code_true():
         ("quantization_config", [1, 2]),
         ("rope_theta", float("inf")),
         ("rms_norm_eps", -1.0),
+        ("rope_scaling", [1]),
+        ("max_position_embeddings", -5),
     ],
 )
 def test_out_of_range_config_values_are_refused_by_name(tiny_fixture, tmp_path, field, value):
@@ -138,6 +140,27 @@ def test_out_of_range_config_values_are_refused_by_name(tiny_fixture, tmp_path, 
     result = CliRunner().invoke(cli, ["inspect", str(src)])
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
     assert field in result.stderr and "config.json" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "field,value,says",
+    [
+        ("hidden_act", "evil", "hidden_act"),  # else a KeyError deep in transformers' MLP
+        ("tie_word_embeddings", "no", "tie_word_embeddings"),  # transformers' own validation
+        ("rope_scaling", {"type": "yarn", "factor": -1.0}, "rope_scaling.factor"),  # transformers only warns
+    ],
+)
+def test_config_values_transformers_would_choke_on_are_refused_by_name(tiny_fixture, tmp_path, field, value, says):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_fixture.path, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg[field] = value
+    (src / "config.json").write_text(json.dumps(cfg))
+    result = CliRunner().invoke(cli, ["analyze", "--source", str(src), "-o", str(tmp_path / "a.json"),
+                                      "--samples", "2", "--seq-len", "16", "--no-plots", "--quiet"])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+    assert says in result.stderr and "config.json" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "a.json").exists()
 
 
 def test_layers_times_experts_is_bounded_but_k2_passes():

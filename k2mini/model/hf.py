@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
+import reprlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,11 +17,28 @@ _NON_ARCH = ("auto_map", "quantization_config", "model_type", "architectures", "
 
 
 def hf_config(cfg: dict[str, Any]):
-    """transformers' DeepseekV3Config for a K2 or DeepSeek-V3 config dict (no remote code)."""
-    from transformers import DeepseekV3Config
+    """transformers' DeepseekV3Config for a K2 or DeepSeek-V3 config dict (no remote code).
 
+    config.json comes from the checkpoint, so values transformers would reject, or crash on
+    later (an unknown activation), end in one CheckpointError naming config.json.
+    """
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import DeepseekV3Config
+    from transformers.activations import ACT2FN
+
+    from k2mini.errors import CheckpointError
+    from k2mini.model.spec import ModelSpec
+
+    ModelSpec.from_config(cfg)  # range checks on every field that sizes a tensor
+    act = cfg.get("hidden_act", "silu")
+    if not isinstance(act, str) or act not in ACT2FN:
+        raise CheckpointError(f"config.json: hidden_act={reprlib.repr(act)} is not an activation transformers knows")
     fields = {k: copy.deepcopy(v) for k, v in cfg.items() if k not in _NON_ARCH}
-    return DeepseekV3Config(**fields)
+    try:
+        return DeepseekV3Config(**fields)
+    except (StrictDataclassError, TypeError, ValueError) as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"config.json: transformers' DeepseekV3Config rejects it: {detail}") from None
 
 
 def fuse_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -78,6 +78,16 @@ def _check_derived_fields(cfg: dict[str, Any]) -> None:
         raise CheckpointError(f"config.json: quantization_config must be an object, not {type(qc).__name__}")
     if isinstance(qc, dict) and not isinstance(qc.get("weight_block_size", []), list):
         raise CheckpointError(f"config.json: weight_block_size={reprlib.repr(qc.get('weight_block_size'))} is not a list")
+    rope = cfg.get("rope_scaling")
+    if rope is not None and not isinstance(rope, dict):
+        raise CheckpointError(f"config.json: rope_scaling must be an object, not {type(rope).__name__}")
+    factor = (rope or {}).get("factor")
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1 <= factor <= 1e4):
+        raise CheckpointError(f"config.json: rope_scaling.factor={reprlib.repr(factor)} is outside [1, 10000]")
+    for key in ("max_position_embeddings", "original_max_position_embeddings"):
+        v = (rope or {}).get(key) if key.startswith("original") else cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1 << 24):
+            raise CheckpointError(f"config.json: {key}={reprlib.repr(v)} is not an integer in [1, {1 << 24}]")
     for key in ("rope_theta", "rms_norm_eps", "routed_scaling_factor"):
         v = cfg.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e12):
