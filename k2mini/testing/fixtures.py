@@ -161,8 +161,15 @@ def _model_tensors(spec: FixtureSpec, cfg: dict[str, Any], seed: int):
                 layer.mlp.gate.e_score_correction_bias.normal_(0.0, spec.bias_std, generator=gen)
             for n in ("input_layernorm", "post_attention_layernorm"):
                 getattr(layer, n).weight.add_(torch.randn(spec.hidden_size, generator=gen) * 0.1)
+    out = k2_named_tensors(model)
+    return (model, out, snap_to_stored(out, cfg))
+
+
+def k2_named_tensors(model) -> dict[str, torch.Tensor]:
+    """A transformers DeepseekV3 model's weights under K2 names (per-expert tensors are
+    views of the fused ones: they share storage with the model)."""
     out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():  # tensors share storage with the model
+    for name, t in model.state_dict().items():
         if name.endswith("mlp.experts.gate_up_proj"):
             prefix = name[: -len("gate_up_proj")]
             inter = t.shape[1] // 2
@@ -175,9 +182,15 @@ def _model_tensors(spec: FixtureSpec, cfg: dict[str, Any], seed: int):
                 out[f"{prefix}{e}.down_proj.weight"] = t[e]
         else:
             out[name] = t
-    # Snap the model to exactly what the checkpoint stores (FP8 projections as the reader
-    # dequantizes them, BF16 tensors rounded), so the model "the fixture was made from" and
-    # a model loaded from the fixture must agree exactly.
+    return out
+
+
+def snap_to_stored(out: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Quantize the FP8 projections; returns their (fp8, scale_inv) pairs.
+
+    Snaps the tensors in place to exactly what the checkpoint stores (FP8 projections as the
+    reader dequantizes them, BF16 tensors rounded), so the model "the fixture was made from"
+    and a model loaded from the fixture must agree exactly."""
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     stored = {t.name: t.dtype for t in ModelSpec.from_config(cfg).tensors()}
     with torch.no_grad():
@@ -188,7 +201,7 @@ def _model_tensors(spec: FixtureSpec, cfg: dict[str, Any], seed: int):
                 t.copy_(fp8.dequantize(q, s).float())
             elif stored.get(name) == "BF16":
                 t.copy_(t.to(torch.bfloat16).float())
-    return model, out, pairs
+    return pairs
 
 
 def _random_tensor(t: ExpectedTensor, seed: int, index: int, spec: FixtureSpec) -> torch.Tensor:
@@ -265,6 +278,27 @@ def build_fixture(
     if vocab != spec.vocab_size:
         spec = replace(spec, vocab_size=vocab)
     cfg = k2_config(spec)
+    model, weights, pairs = None, None, {}
+    if spec.from_model:
+        model, weights, pairs = _model_tensors(spec, cfg, seed)
+    write_checkpoint(out, spec, cfg, weights, pairs, seed=seed)
+    if model is not None and keep_model:
+        return Fixture(out, spec, cfg, model)
+    return Fixture(out, spec, cfg)
+
+
+def write_checkpoint(
+    out: Path,
+    spec: FixtureSpec,
+    cfg: dict[str, Any],
+    weights: dict[str, torch.Tensor] | None,
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    seed: int = 0,
+) -> None:
+    """Write config, remote-code stubs, shards and index of a K2 checkpoint into ``out``
+    (tokenizer files are the caller's). ``weights`` (K2 names) with their FP8 ``pairs`` from
+    :func:`snap_to_stored`, or None for seeded random tensors streamed one at a time."""
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "max_new_tokens": 32}, indent=2) + "\n"
@@ -275,9 +309,7 @@ def build_fixture(
 
     model_spec = ModelSpec.from_config(cfg)
     expected = list(model_spec.tensors())
-    model, weights, pairs = None, None, {}
-    if spec.from_model:
-        model, weights, pairs = _model_tensors(spec, cfg, seed)
+    pairs = dict(pairs)
 
     index_of = {t.name: i for i, t in enumerate(expected)}
     # A quantized (weight, scale) pair waits here until both halves are written: they may
@@ -315,7 +347,4 @@ def build_fixture(
     (out / INDEX_FILE).write_text(
         json.dumps({"metadata": {"total_size": sum(p.nbytes for s in shards for p in s)}, "weight_map": weight_map}, indent=2) + "\n"
     )
-    if model is not None and keep_model:
-        return Fixture(out, spec, cfg, model)
-    return Fixture(out, spec, cfg)
 
