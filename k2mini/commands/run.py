@@ -64,6 +64,7 @@ def run_cmd(src, offload, budget, host_budget, prefetch, prompt, file_, max_new_
     from k2mini.analysis.tokenizer import load_tokenizer
     from k2mini.checkpoint.reader import Checkpoint
     from k2mini.offload import load_full, load_offloaded, parse_bytes, plateau_capacity
+    from k2mini.offload.cache import return_freed_memory_to_os
     from k2mini.offload.generate import decode
 
     if (prompt is None) == (file_ is None):
@@ -92,6 +93,7 @@ def run_cmd(src, offload, budget, host_budget, prefetch, prompt, file_, max_new_
     baseline_rss = _current_rss()
     t0 = time.perf_counter()
     if offload:
+        return_freed_memory_to_os()
         om = load_offloaded(ck, budget=parse_bytes(budget, "--budget"), host_budget=parse_bytes(host_budget, "--host-budget"),
                             device=dev, dtype=torch_dtype, prefetch=prefetch, progress=not quiet)
         model = om.model
