@@ -140,15 +140,8 @@ def test_missing_shared_expert_fails_the_load(tiny_fixture, root):
     assert {"tensor.missing", "run.missing_keys"} <= {f.check for f in rep.errors()}
 
 
-def test_quantized_and_fp8_outputs_pass(tiny_fixture, aligned_fixture, pruned, root):
-    from k2mini.quantize.run import QuantOptions, quantize_checkpoint
-
-    for bits, opts in ((4, QuantOptions(4, 32)), (8, QuantOptions(8))):
-        q = root / f"int{bits}"
-        quantize_checkpoint(pruned, q, opts, progress=False)
-        rep = run(q, skip=())
-        assert rep.passed, rep.summary()
-        assert rep.static.format.startswith(f"compressed-tensors int{bits}")
+def test_fp8_output_passes_close_to_source(aligned_fixture, root):
+    """(INT4/INT8 runs are in test_validate_convert.py, on quantized convert outputs.)"""
     fp8 = reduce_by_hand(aligned_fixture.path, root / "fp8", dtype="fp8", layers=[0, 2], experts=[0, 1, 4, 5])
     rep = run(fp8, skip=(), reference=str(aligned_fixture.path))
     assert rep.passed, rep.summary()
