@@ -78,6 +78,31 @@ def test_convert_preflight_from_the_command_line(tiny_fixture, tmp_path, monkeyp
     assert not out.exists() and not output_mod.partial_dir(out).exists() and not output_mod.lock_path(out).exists()
 
 
+def test_convert_preflight_asks_for_what_the_output_really_takes(tiny_fixture, tmp_path, monkeypatch):
+    """The planned bytes the command checks against free space cover the shards it then
+    writes (headers included) and exceed the whole output by at most the 1 MiB allowance."""
+    if "convert" not in cli.commands:
+        pytest.skip("convert has not landed yet")
+    asked: list[int] = []
+    real = output_mod.check_output
+
+    def spy(out, **kw):
+        asked.append(kw.get("planned_bytes", 0))
+        return real(out, **kw)
+
+    monkeypatch.setattr(output_mod, "check_output", spy)
+    out = tmp_path / "conv"
+    r = CliRunner().invoke(cli, ["convert", "--source", str(tiny_fixture.path), "--layers", "2", "--experts", "4",
+                                 "--max-shard-size", "256KB", "--no-progress", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    shards = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    everything = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    planned = {b for b in asked if b}  # an early check before planning passes 0
+    assert len(planned) == 1, asked
+    need = planned.pop()
+    assert shards <= need <= everything + 2**20, (shards, need, everything)
+
+
 # -- running out in the middle of a run --------------------------------------------------
 
 
