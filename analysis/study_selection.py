@@ -28,7 +28,7 @@ EXPERT_STRATEGIES = ["weights", "frequency", "ean", "reap", "reap_merge", "rando
 LAYER_STRATEGIES = ["uniform", "block_influence", "angular", "nll"]
 EXPERT_FRACTIONS = [0.75, 0.5, 0.25, 0.04]
 LAYER_FRACTIONS = [0.75, 0.4]
-CALIB_STRATEGIES = ["frequency", "reap", "output_error"]  # calibration-domain sub-study
+CALIB_STRATEGIES = ["frequency", "reap"]  # calibration-domain sub-study
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -39,7 +39,9 @@ def calib_ids(dd, domain: str, n: int, seq_len: int, seed: int) -> torch.Tensor:
     return data.random_windows(dd.train[domain], seq_len, n, g)
 
 
-def run(regimes: dict[str, Path], seeds: int, calib_windows: int, eval_windows: int, seq_len: int) -> list[dict]:
+def run(regimes: dict[str, Path], seeds: int, calib_windows: int, eval_windows: int, seq_len: int, checkpoint=None) -> list[dict]:
+    """All rows; ``checkpoint(rows)`` is called after each seed so a cut-short run keeps
+    its completed seeds."""
     rows = []
     for regime, path in regimes.items():
         model, cfg = S.load_nano(path)
@@ -65,7 +67,7 @@ def run(regimes: dict[str, Path], seeds: int, calib_windows: int, eval_windows: 
                 keep = max(top_k, round(E * frac))
                 for strat in EXPERT_STRATEGIES:
                     record("experts", seed, "mix", strat, keep, L, S.prune_experts(model, cals["mix"], strat, keep, seed))
-                if frac in (0.5, 0.25):
+                if frac == 0.5:
                     for calib in ("prose", "code"):
                         for strat in CALIB_STRATEGIES:
                             record("calib", seed, calib, strat, keep, L, S.prune_experts(model, cals[calib], strat, keep, seed))
@@ -75,6 +77,8 @@ def run(regimes: dict[str, Path], seeds: int, calib_windows: int, eval_windows: 
                     dropped = S.select_layers(strat, cals["mix"], L, keep_l, seed)
                     record("layers", seed, "mix", strat, E, keep_l, S.drop_layers(model, dropped))
             print(f"{regime} seed {seed}: {time.time() - t0:.0f} s", file=sys.stderr)
+            if checkpoint is not None:
+                checkpoint(rows)
     return rows
 
 
@@ -187,8 +191,11 @@ def main(balanced, unbalanced, seeds, calib_windows, eval_windows, seq_len, thre
             click.echo("study_selection: error: no nano checkpoint found (train with scripts/train_nano_k2.py)", err=True)
             sys.exit(2)
         for name, path in regimes.items():
-            rows = run({name: path}, seeds, calib_windows, eval_windows, seq_len)
-            (out / f"study_rows_{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+            def save(rows, name=name):
+                done = len({r["seed"] for r in rows if r["kind"] != "full"})
+                m = meta.replace(f"seeds {seeds}", f"seeds {done}")
+                (out / f"study_rows_{name}.json").write_text(json.dumps({"meta": m, "rows": rows}, indent=1) + "\n")
+            save(run({name: path}, seeds, calib_windows, eval_windows, seq_len, checkpoint=save))
     rows, metas = [], set()
     for f in sorted(out.glob("study_rows_*.json")):
         d = json.loads(f.read_text())
