@@ -32,7 +32,7 @@ class Prefetcher:
         self.ready: dict[int, torch.Tensor] = {}
         self.ready_bytes = 0
         self.cursor = 0  # next index the thread reads
-        self.consumed = 0  # indices below this are no longer wanted
+        self.consumed = 0  # reads of indices below this are stale (discarded on arrival)
         self.reading: int | None = None
         self.error: BaseException | None = None
         self.closed = False
@@ -78,7 +78,8 @@ class Prefetcher:
             for j in [j for j in self.ready if j < i]:
                 self.ready_bytes -= self.sizes[j]
                 del self.ready[j]
-            self.consumed = max(self.consumed, i + 1)
+            # Reads of i itself (in flight now) are still wanted; only earlier ones are stale.
+            self.consumed = max(self.consumed, i)
             while i not in self.ready and self.reading == i and self.error is None:
                 self.cond.wait()
             if self.error is not None:
