@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from k2mini.analysis.analyze import AnalyzeOptions, analyze
+from k2mini.analysis.analyze import STATE_FILE, AnalyzeOptions, analyze
 from k2mini.analysis.calibration import build_calibration
 from k2mini.analysis.schema import Analysis
 from k2mini.analysis.tokenizer import load_tokenizer
@@ -164,7 +164,9 @@ def test_resume_continues_after_the_last_finished_layer(tiny_fixture, tmp_path, 
     resumed = analyze(ck, calib, opts, work_dir=work, resume=True)
     assert done == [0, 1, 2, 3]  # layers 0 and 1 were not run again
     assert resumed.model_dump() == clean.model_dump()
-    assert not work.exists()
+    # analyze() keeps its state: the command deletes it only after analysis.json is renamed
+    # into place, so a kill in between can still resume.
+    assert (work / STATE_FILE).is_file()
 
 
 def test_calibration_sources_mix_and_determinism(tiny_fixture, tmp_path):

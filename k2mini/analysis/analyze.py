@@ -249,7 +249,8 @@ def analyze(
         angular_distance=angular_distances(torch.stack(last)),
         baseline_nll=baseline,
     )
-    shutil.rmtree(work, ignore_errors=True)
+    # work_dir is left in place: the caller deletes it only once the result is stored, so a
+    # kill between here and that point can still --resume.
     return analysis
 
 

@@ -78,7 +78,7 @@ def _dequantize_torch(weight: torch.Tensor, scale_inv: torch.Tensor, block: int)
 # pass per row: FP8 bits are moved into a float32 whose exponent field is the FP8 one (the
 # value is then 2^-120 of the FP8 value, subnormals included), multiplied by 2^120 (exact)
 # and by the block scale (the single rounding), then rounded to BF16 (nearest-even).
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _dequant_kernel(q, col_scale, block, out):  # pragma: no cover - compiled
     rows, cols = q.shape
     for i in numba.prange(rows):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import json
 from pathlib import Path
 
@@ -82,6 +84,7 @@ def analyze_cmd(source, output, calib, samples, seq_len, seed, nll, nll_samples,
     tmp = output.with_name(output.name + ".tmp")
     result.save(tmp)
     tmp.replace(output)  # never a half-written analysis.json
+    shutil.rmtree(work, ignore_errors=True)  # only now: until the rename, --resume needs it
     written = []
     if plots:
         try:
