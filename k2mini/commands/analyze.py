@@ -23,7 +23,7 @@ def _parse_size(text: str) -> int:
 
 
 @click.command("analyze")
-@click.option("--source", "-s", required=True, help="Source checkpoint directory (K2 / DeepSeek-V3 format).")
+@click.option("--source", "-s", required=True, help="Source checkpoint (K2 / DeepSeek-V3 format): a directory or a Hub repo id org/name[@revision].")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=Path("analysis.json"),
               show_default=True, help="Where to write analysis.json.")
 @click.option("--calib", "calib", multiple=True, metavar="[NAME=]SPEC",

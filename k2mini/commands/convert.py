@@ -9,7 +9,7 @@ import click
 
 from k2mini.errors import UsageError
 
-_SRC = click.option("--source", "-s", "source", required=True, help="Source checkpoint directory (K2 / DeepSeek-V3 format).")
+_SRC = click.option("--source", "-s", "source", required=True, help="Source checkpoint (K2 / DeepSeek-V3 format): a directory or a Hub repo id org/name[@revision].")
 _OUT = click.option("--output", "-o", "output", required=True, type=click.Path(path_type=Path), help="Output directory (created; must not exist or be empty).")
 
 
@@ -18,7 +18,10 @@ def _common(f):
         click.option("--layers", type=int, default=None, help="Decoder layers to keep (default: all)."),
         click.option("--experts", type=int, default=None, help="Routed experts to keep per MoE layer (default: all)."),
         click.option("--top-k", "top_k", type=int, default=None, help="Experts per token (default: the source's num_experts_per_tok)."),
-        click.option("--dtype", default=None, help="Output weights: bf16 (dequantized, default) or fp8 (FP8 bytes and scales copied, lossless, ~half the size)."),
+        click.option("--dtype", "--quantize", "dtype", default=None,
+                     help="Output weights: bf16 (dequantized, default), fp8 (FP8 bytes and scales copied, lossless, ~half the size), "
+                          "or int4 | int4-g64 | int4-g32 | int8 (compressed-tensors, quantized in the same streaming pass; "
+                          "--quantize int4 is the same flag)."),
         click.option("--groups", type=click.Choice(["auto", "keep", "flatten"]), default=None,
                      help="n_group>1 sources: keep routing groups (equal experts per group) or flatten to n_group=1; auto keeps them when possible."),
         click.option("--preset", default=None, help="A preset name from configs/presets (e.g. k2-mini) or a JSON file; flags override it."),
