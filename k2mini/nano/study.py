@@ -19,6 +19,7 @@ from k2mini.checkpoint.reader import Checkpoint
 from k2mini.model.hf import load_checkpoint_model
 from k2mini.nano.train import fast_experts
 from k2mini.selection import merge as merging
+from k2mini.selection.experts import rank_positions
 from k2mini.selection.output_error import Routing, elimination_order, expert_outputs
 
 MASKED = -1e9
@@ -56,14 +57,6 @@ class Calibration:
     block_influence: dict[int, float] = field(default_factory=dict)
     angular: dict[int, dict[int, float]] = field(default_factory=dict)  # n -> start -> distance
     nll_increase: dict[int, float] = field(default_factory=dict)
-
-
-def _ranks(values: list[float]) -> list[float]:
-    order = sorted(range(len(values)), key=lambda i: (values[i], i))
-    r = [0.0] * len(values)
-    for rank, i in enumerate(order):
-        r[i] = float(rank)
-    return r
 
 
 @torch.no_grad()
@@ -104,7 +97,7 @@ def calibrate(model, ids: torch.Tensor, *, layer_metrics: bool = True) -> Calibr
         reap = gsum / freq.clamp_min(1)
         # The same three weight-only signals as convert's ``weights`` scorer, mean rank.
         wnorm = (mlp.experts.gate_up_proj.float().square().sum((1, 2)) + mlp.experts.down_proj.float().square().sum((1, 2))).sqrt()
-        ranks = [_ranks(r.weight.float().norm(dim=1).tolist()), _ranks(r.bias.tolist()), _ranks(wnorm.tolist())]
+        ranks = [rank_positions(r.weight.float().norm(dim=1).tolist()), rank_positions(r.bias.tolist()), rank_positions(wnorm.tolist())]
         weights = [sum(rr[i] for rr in ranks) / 3 for i in range(E)]
         cal.experts[l] = LayerStats(freq.tolist(), ean.tolist(), reap.tolist(), weights,
                                     elimination_order(x, r, outs), merging.output_similarity(outs))

@@ -57,7 +57,7 @@ for _name in ("frequency", "reap", "ean"):
     expert_scorer(_name)(_metric(_name))
 
 
-def _ranks(values: list[float]) -> list[float]:
+def rank_positions(values: list[float]) -> list[float]:
     # Rank 0 = smallest; ties broken by expert id so scores are deterministic.
     order = sorted(range(len(values)), key=lambda i: (values[i], i))
     r = [0.0] * len(values)
@@ -113,7 +113,7 @@ def weights(ctx: SelectionContext, layer: int) -> list[float]:
         router, bias, norms = st.router_norm, st.correction_bias, st.weight_norm
     else:
         router, bias, norms = weight_proxies(ctx, layer)
-    ranks = [_ranks(router), _ranks(bias), _ranks(norms)]
+    ranks = [rank_positions(router), rank_positions(bias), rank_positions(norms)]
     return [sum(r[i] for r in ranks) / 3.0 for i in range(ctx.spec.n_routed_experts)]
 
 
