@@ -17,7 +17,9 @@ import click
 from k2mini.validate.gpus import load_profile
 from k2mini.validate.memory import gib, plan_variants, reduced_config
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "kimi_k2_config.json"
+# A copy of the real Kimi-K2-Instruct config.json (../shared/reference/), kept in the repo so
+# nothing here depends on a file outside it.
+REFERENCE = Path(__file__).resolve().parents[1] / "configs" / "reference" / "kimi_k2_config.json"
 
 
 @click.command()

@@ -9,7 +9,9 @@ import pytest
 
 from k2mini.model.spec import ModelSpec
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "kimi_k2_config.json"
+# A copy of the real Kimi-K2-Instruct config.json (../shared/reference/), kept in the repo so
+# nothing here depends on a file outside it.
+REFERENCE = Path(__file__).resolve().parents[1] / "configs" / "reference" / "kimi_k2_config.json"
 
 
 @pytest.fixture(scope="module")

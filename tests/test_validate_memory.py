@@ -18,7 +18,9 @@ from k2mini.validate.memory import kv_cache, memory_plan, reduced_config, weight
 from k2mini.validate.static import params_from_headers
 from validate_outputs import reduce_by_hand
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "kimi_k2_config.json"
+# A copy of the real Kimi-K2-Instruct config.json (../shared/reference/), kept in the repo so
+# nothing here depends on a file outside it.
+REFERENCE = Path(__file__).resolve().parents[1] / "configs" / "reference" / "kimi_k2_config.json"
 
 
 @pytest.fixture(scope="module")
