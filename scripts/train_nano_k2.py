@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import click

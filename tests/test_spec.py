@@ -16,8 +16,6 @@ REFERENCE = Path(__file__).resolve().parents[1] / "configs" / "reference" / "kim
 
 @pytest.fixture(scope="module")
 def k2_config():
-    if not REFERENCE.exists():
-        pytest.skip(f"{REFERENCE} not present")
     return json.loads(REFERENCE.read_text())
 
 

@@ -25,8 +25,6 @@ REFERENCE = Path(__file__).resolve().parents[1] / "configs" / "reference" / "kim
 
 @pytest.fixture(scope="module")
 def k2_24x16():
-    if not REFERENCE.exists():
-        pytest.skip(f"{REFERENCE} not present")
     return reduced_config(json.loads(REFERENCE.read_text()), 24, 16)
 
 

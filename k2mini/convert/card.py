@@ -21,7 +21,7 @@ def model_card(cfg: dict[str, Any], plan: Plan, *, params: int, total_size: int,
     )
     notes = "\n".join(f"- {n}" for n in plan.notes) or "- none"
     quant = cfg.get("quantization_config")
-    dtype_line = (f"FP8 e4m3 block-scaled weights copied bit for bit from the source (`quantization_config` kept)"
+    dtype_line = ("FP8 e4m3 block-scaled weights copied bit for bit from the source (`quantization_config` kept)"
                   if k["dtype"] == "fp8" else
                   f"`{k['dtype']}` weights" + ("" if quant is None else f" (`quantization_config`: {quant.get('quant_method', quant.get('format', '?'))})"))
     return f"""---
