@@ -59,8 +59,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
     \b
     Examples:
-      k2mini inspect ./Kimi-K2-Instruct
-      k2mini fixture ./tiny-k2 --preset tiny
+      k2mini demo /tmp/k2mini-demo
+      k2mini inspect moonshotai/Kimi-K2-Instruct
+      k2mini analyze -s ./Kimi-K2-Instruct -o analysis.json
+      k2mini convert -s ./Kimi-K2-Instruct --analysis analysis.json --layers 24 --experts 16 -o ./k2-mini
+      k2mini convert-fast -s ./Kimi-K2-Instruct --layers 24 --experts 16 --dtype fp8 -o ./k2-mini-fp8
+      k2mini quantize ./k2-mini --bits 4 -o ./k2-mini-int4
+      k2mini validate ./k2-mini-int4 --gpu h100 --reference ./Kimi-K2-Instruct
+      k2mini run ./Kimi-K2-Instruct --offload --budget 60GB --prompt "Hello"
     """
     ctx.obj = {"debug": debug}
 
