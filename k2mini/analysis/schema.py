@@ -8,13 +8,12 @@ Layer indices are source layer indices; expert lists are indexed by source exper
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from k2mini.errors import UsageError
+from k2mini.versioned_file import load_versioned
 
 ANALYSIS_VERSION = 1
 
@@ -100,15 +99,4 @@ class Analysis(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> Analysis:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise UsageError(f"--analysis {path}: file not found") from None
-        except ValueError as exc:
-            raise UsageError(f"--analysis {path}: not valid JSON ({exc})") from None
-        if data.get("version") != ANALYSIS_VERSION:
-            raise UsageError(f"--analysis {path}: version {data.get('version')} is not supported (expected {ANALYSIS_VERSION})")
-        try:
-            return cls.model_validate(data)
-        except ValueError as exc:
-            raise UsageError(f"--analysis {path}: does not match the analysis schema ({exc})") from None
+        return load_versioned(cls, path, flag="--analysis", version=ANALYSIS_VERSION, what="analysis")

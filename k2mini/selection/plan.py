@@ -6,7 +6,6 @@ it (same layers, experts and config fields) on the same or an identical source.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +14,7 @@ from pydantic import BaseModel, Field
 from k2mini.analysis.schema import SourceFingerprint
 from k2mini.errors import UsageError
 from k2mini.model.spec import ModelSpec
+from k2mini.versioned_file import load_versioned
 
 PLAN_VERSION = 1
 PLAN_FILE = "plan.json"
@@ -68,20 +68,7 @@ class Plan(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise UsageError(f"--plan {path}: file not found") from None
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise UsageError(f"--plan {path}: not valid JSON ({exc})") from None
-        if not isinstance(data, dict) or data.get("version") != PLAN_VERSION:
-            v = data.get("version") if isinstance(data, dict) else None
-            raise UsageError(f"--plan {path}: version {v} is not supported (expected {PLAN_VERSION})")
-        try:
-            return cls.model_validate(data)
-        except ValueError as exc:
-            first = str(exc).splitlines()
-            raise UsageError(f"--plan {path}: does not match the plan schema ({' '.join(first[:3])})") from None
+        return load_versioned(cls, path, flag="--plan", version=PLAN_VERSION, what="plan")
 
     def expert_map(self) -> dict[str, list[int]]:
         """Output layer index -> kept source experts (the provenance block's expert map)."""
