@@ -110,19 +110,7 @@ class OutputDir:
         # because another run may have finished into the same path meanwhile.
         check_output(self.path, **self._args)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lp = lock_path(self.path)
-        fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise UsageError(
-                    f"{self._args['flag']} {self.path}: another k2mini run is writing it (lock {lp}); "
-                    "wait for it to finish or choose another output"
-                ) from None
-            raise
-        self._lock_fd = fd
+        self._lock_fd = self._lock(lock_path(self.path))
         try:
             check_output(self.path, **self._args)
             if self.resume and self.partial.is_dir():
@@ -155,8 +143,40 @@ class OutputDir:
             shutil.rmtree(old)
         self.committed = True
 
+    def _lock(self, lp: Path) -> int:
+        """An fd holding an exclusive flock on the inode that ``lp`` names now."""
+        while True:
+            fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise UsageError(
+                        f"{self._args['flag']} {self.path}: another k2mini run is writing it (lock {lp}); "
+                        "wait for it to finish or choose another output"
+                    ) from None
+                raise
+            # A run that released between our open and our flock has unlinked the file we
+            # opened: a lock on that orphaned inode would not exclude a third run, which
+            # creates the path afresh and locks a new inode. Only a lock on the inode the
+            # path names after we hold it counts; otherwise open the new file and try again.
+            try:
+                now = os.stat(lp)
+            except FileNotFoundError:
+                now = None
+            held = os.fstat(fd)
+            if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return fd
+            os.close(fd)
+
     def _release(self) -> None:
         if self._lock_fd is not None:
+            # Unlink while still holding the lock, then close. The reverse order lets another
+            # run open and lock the old inode after our close and pass _lock's check (the path
+            # still names it), and then our unlink lets a third run lock a fresh inode too.
+            # In this order a run that opened the old file before our unlink fails _lock's
+            # check and retries on the new path.
             lock_path(self.path).unlink(missing_ok=True)
             os.close(self._lock_fd)
             self._lock_fd = None
