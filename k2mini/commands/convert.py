@@ -78,6 +78,9 @@ def _print_summary(s, plan, as_json: bool) -> None:
     for e in plan.experts[:8] if not s.dry_run else plan.experts:
         ids = ", ".join(map(str, e.kept[:32])) + (" ..." if len(e.kept) > 32 else "")
         click.echo(f"  layer {out_idx[e.source_layer]} (source {e.source_layer}) experts: {ids}")
+        if s.dry_run and e.merge:
+            folded = ["+".join(f"{m}({w:.2f})" for m, w in g) for g in e.merge if len(g) > 1]
+            click.echo(f"    merged ({plan.merge_similarity} similarity; expert(weight), kept one first): {' '.join(folded)}")
     if not s.dry_run and len(plan.experts) > 8:
         click.echo(f"  ... {len(plan.experts) - 8} more MoE layers (plan.json has them all)   [{plan.expert_strategy}]")
     click.echo(f"  routing groups: {s.group_policy}; parameters: {s.params:,}")
@@ -100,7 +103,7 @@ def _print_summary(s, plan, as_json: bool) -> None:
 def run(
     *, source, output, layers, experts, top_k, dtype, groups, preset, max_shard_size, overwrite, resume, dry_run,
     as_json, no_progress, layer_strategy, expert_strategy, analysis=None, plan_path=None, keep_layers=None,
-    keep_experts=None, layer_metric="block_influence", protect_ends=True, fast=False,
+    keep_experts=None, layer_metric="block_influence", protect_ends=True, fast=False, merge=None,
 ):
     """Shared by convert and convert-fast: options -> plan -> (dry run | write) -> summary."""
     from k2mini.analysis.schema import Analysis
@@ -126,8 +129,8 @@ def run(
     ck = Checkpoint.open(source)
     transform = make_transform(pick(dtype, p and p.dtype, "bf16"))
     if plan_path is not None:
-        if any(v is not None for v in (layers, experts, top_k, keep_layers, keep_experts, analysis, layer_strategy, expert_strategy)):
-            raise UsageError("--plan fixes the layers and experts; drop --layers/--experts/--top-k/--analysis/strategy flags")
+        if any(v is not None for v in (layers, experts, top_k, keep_layers, keep_experts, analysis, layer_strategy, expert_strategy, merge)):
+            raise UsageError("--plan fixes the layers and experts; drop --layers/--experts/--top-k/--analysis/--merge/strategy flags")
         plan = Plan.load(plan_path)
         check_plan_source(plan, ck, str(plan_path))
     else:
@@ -146,7 +149,7 @@ def run(
             top_k=pick(top_k, p and p.top_k, None), layer_strategy=ls, expert_strategy=es,
             keep_layers=_parse_ints(keep_layers, "--keep-layers") if keep_layers else None,
             keep_experts=_parse_keep_experts(keep_experts) if keep_experts else None,
-            protect_ends=protect_ends, layer_metric=layer_metric, groups=pick(groups, p and p.groups, "auto"),
+            protect_ends=protect_ends, layer_metric=layer_metric, groups=pick(groups, p and p.groups, "auto"), merge=merge,
         )
         plan = build_plan(ck, opts, a, str(analysis) if analysis else None)
     prepared = prepare(ck, plan, transform)
@@ -174,6 +177,9 @@ def run(
               help="Analysis metric ranked by --layer-strategy importance.")
 @click.option("--protect-ends/--no-protect-ends", default=True, show_default=True,
               help="importance/contiguous: always keep the leading dense layer(s) and the last layer.")
+@click.option("--merge", type=click.Choice(["router"]), is_flag=False, flag_value="router", default=None,
+              help="Fold each pruned expert into the kept expert with the most similar router row (cosine), weighted "
+                   "by the analysis' routing frequencies, instead of dropping it (needs --analysis). --merge = --merge router.")
 def convert_cmd(**kw):
     """Write a reduced checkpoint: kept layers and experts, fixed config, model card.
 
@@ -183,6 +189,7 @@ def convert_cmd(**kw):
       k2mini convert -s ./Kimi-K2-Instruct --preset k2-mini --analysis analysis.json -o ./k2-mini
       k2mini convert -s ./Kimi-K2-Instruct --plan ./k2-mini/plan.json --dtype fp8 -o ./k2-mini-fp8
       k2mini convert -s ./K2 --keep-layers 0,1,2,60 --keep-experts 0,1,2,3,4,5,6,7 -o ./k2-tiny --dry-run
+      k2mini convert -s ./Kimi-K2-Instruct --analysis analysis.json --experts 16 --merge -o ./k2-merged --dry-run
     """
     run(**kw)
 

@@ -12,6 +12,36 @@ def _fmt_params(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
+def _merge_section(plan: Plan) -> str:
+    if not plan.merge_similarity:
+        return ""
+    rows = []
+    for e in plan.experts:
+        for k, group in zip(e.kept, e.merge or []):
+            if len(group) > 1:
+                rows.append(f"| {e.source_layer} | {k} | " + ", ".join(f"{m} ({w:.3f})" for m, w in group) + " |")
+    return f"""
+Merged experts (`--merge {plan.merge_similarity}`): each pruned expert was folded into the kept
+expert whose router row is most similar (cosine); the output expert's gate/up/down weights are
+the weighted sum below, weights (routing frequency + 1) / sum over the group. Router rows and
+correction biases are the kept expert's own.
+
+| source layer | kept expert | source experts (weight) |
+|---|---|---|
+{chr(10).join(rows)}
+"""
+
+
+def _fp8_line(quant: dict[str, Any]) -> str:
+    line = "FP8 e4m3 block-scaled weights copied bit for bit from the source (`quantization_config` kept)"
+    skip = quant.get("modules_to_not_convert") or []
+    if skip:
+        line += (f", except {len(skip)} modules stored BF16 (dequantized; listed in `modules_to_not_convert`): their "
+                 "shapes are not whole 128x128 blocks, which transformers' FP8 loader cannot read, or they share a "
+                 "fused GEMM with such a module in vLLM")
+    return line
+
+
 def model_card(cfg: dict[str, Any], plan: Plan, *, params: int, total_size: int, src_layers: int, src_experts: int) -> str:
     k = cfg["k2mini"]
     layers = ", ".join(map(str, plan.layers))
@@ -20,9 +50,9 @@ def model_card(cfg: dict[str, Any], plan: Plan, *, params: int, total_size: int,
         for i, e in ((plan.layers.index(e.source_layer), e) for e in plan.experts)
     )
     notes = "\n".join(f"- {n}" for n in plan.notes) or "- none"
+    merge = _merge_section(plan)
     quant = cfg.get("quantization_config")
-    dtype_line = ("FP8 e4m3 block-scaled weights copied bit for bit from the source (`quantization_config` kept)"
-                  if k["dtype"] == "fp8" else
+    dtype_line = (_fp8_line(quant or {}) if k["dtype"] == "fp8" else
                   f"`{k['dtype']}` weights" + ("" if quant is None else f" (`quantization_config`: {quant.get('quant_method', quant.get('format', '?'))})"))
     return f"""---
 library_name: transformers
@@ -57,6 +87,7 @@ model = AutoModelForCausalLM.from_pretrained("path/to/this/dir")
 | routing groups | `{plan.group_policy}` (n_group {cfg.get('n_group')}, topk_group {cfg.get('topk_group')}) |
 | experts per token | {cfg['num_experts_per_tok']} |
 | analysis | {('`' + plan.analysis + '`') if plan.analysis else 'none'} |
+| merge | {('`' + plan.merge_similarity + '` similarity, frequency-weighted') if plan.merge_similarity else 'none (pruned experts dropped)'} |
 | source config sha256 | `{k['source_config_sha256']}` |
 
 Kept source layers, in order: {layers}.
@@ -64,7 +95,7 @@ Kept source layers, in order: {layers}.
 | output layer | source layer | kept source experts (output expert i = i-th listed) |
 |---|---|---|
 {expert_rows}
-
+{merge}
 Notes:
 {notes}
 

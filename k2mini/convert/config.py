@@ -34,6 +34,7 @@ def fixed_config(src_cfg: dict[str, Any], plan: Plan, transform: Transform) -> d
         "expert_strategy": plan.expert_strategy,
         "group_policy": plan.group_policy,
         "analysis": plan.analysis,
+        "merge": plan.merge_similarity,  # set: output experts are merges, expert_map names the kept one
         "dtype": transform.name,
     }
     return cfg

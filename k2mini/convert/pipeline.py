@@ -39,12 +39,14 @@ def plan_jobs(ck: Checkpoint, plan: Plan) -> list[TensorJob]:
     """Every output tensor's source, in output order: embeddings, kept layers, norm, lm_head."""
     spec = ModelSpec.from_config(ck.config)
     kept = {e.source_layer: e.kept for e in plan.experts}
+    merges = {e.source_layer: e.merge for e in plan.experts if e.merge is not None}
     jobs: list[TensorJob] = []
 
-    def add(src: str, out: str, rows: tuple[int, ...] | None = None) -> None:
-        if src not in ck.tensors:
-            raise CheckpointError(f"tensor {src} is missing (the source config implies it)", path=ck.description)
-        jobs.append(TensorJob(src, out, rows))
+    def add(src: str, out: str, rows: tuple[int, ...] | None = None, merge=None) -> None:
+        for name in [src] + [n for n, _ in merge or ()]:
+            if name not in ck.tensors:
+                raise CheckpointError(f"tensor {name} is missing (the source config implies it)", path=ck.description)
+        jobs.append(TensorJob(src, out, rows, merge))
 
     add("model.embed_tokens.weight", "model.embed_tokens.weight")
     for new, layer in enumerate(plan.layers):
@@ -56,9 +58,13 @@ def plan_jobs(ck: Checkpoint, plan: Plan) -> list[TensorJob]:
             if pn.role is Role.EXPERT:
                 if not experts_done:
                     for new_e, src_e in enumerate(kept[layer]):
+                        group = merges[layer][new_e] if layer in merges else []
                         for proj in ("gate_proj", "up_proj", "down_proj"):
                             src = f"model.layers.{layer}.mlp.experts.{src_e}.{proj}.weight"
-                            add(src, rename(src, layer=new, expert=new_e))
+                            # A group of one (nothing folded in) is copied like a plain prune.
+                            merge = tuple((f"model.layers.{layer}.mlp.experts.{m}.{proj}.weight", w)
+                                          for m, w in group) if len(group) > 1 else None
+                            add(src, rename(src, layer=new, expert=new_e), merge=merge)
                     experts_done = True
                 continue
             rows = tuple(kept[layer]) if pn.role in (Role.ROUTER, Role.ROUTER_BIAS) else None
@@ -74,16 +80,22 @@ def _read_order(ck: Checkpoint, jobs: list[TensorJob]) -> list[str]:
     order = []
     for j in jobs:
         if j.rows is None:
-            order.append(j.source)
-            s = ck.scale_of(j.source) if ck.info(j.source).dtype == "F8_E4M3" else None
-            if s is not None:
-                order.append(s.name)
+            for name in _sources(j):
+                order.append(name)
+                s = ck.scale_of(name) if ck.info(name).dtype == "F8_E4M3" else None
+                if s is not None:
+                    order.append(s.name)
     return order
+
+
+def _sources(job: TensorJob) -> list[str]:
+    """Every source tensor a job reads (a merged expert reads its whole group)."""
+    return [n for n, _ in job.merge] if job.merge else [job.source]
 
 
 def _check_problems(ck: Checkpoint, jobs: list[TensorJob]) -> None:
     # The reader lists scale problems at open; only those touching a selected tensor matter.
-    wanted = {j.source for j in jobs}
+    wanted = {n for j in jobs for n in _sources(j)}
     for p in ck.problems:
         if p.tensor in wanted or (p.kind != "unindexed" and parse_name(p.tensor).weight_name in wanted):
             raise CheckpointError(p.message, path=ck.description)
@@ -174,8 +186,8 @@ def _summary(p: Prepared, output: str, *, dry_run: bool, max_shard_bytes: int) -
     for u in p.units:
         for t in u.tensors:
             by_dtype[t.dtype] += t.nbytes
-    used = {j.source for j in p.jobs}
-    used |= {s.name for j in p.jobs if (s := p.ck.scale_of(j.source)) is not None}
+    used = {n for j in p.jobs for n in _sources(j)}
+    used |= {s.name for n in list(used) if (s := p.ck.scale_of(n)) is not None}
     from k2mini.checkpoint.writer import layout
 
     return ConvertSummary(

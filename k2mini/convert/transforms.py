@@ -26,10 +26,12 @@ from typing import Any
 
 import torch
 
+from k2mini.checkpoint import fp8
 from k2mini.checkpoint.names import scale_name
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.checkpoint.safetensors_format import DTYPES, PlannedTensor
 from k2mini.errors import UsageError
+from k2mini.selection import merge as merging
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class TensorJob:
     source: str  # source tensor name (a weight or buffer, never a scale grid)
     output: str  # name in the output checkpoint
     rows: tuple[int, ...] | None = None  # keep only these rows, in this order (router weight / bias)
+    # convert --merge: the output is sum w * source tensor over these (name, w), ``source`` first.
+    merge: tuple[tuple[str, float], ...] | None = None
 
 
 def out_shape(ck: Checkpoint, job: TensorJob) -> tuple[int, ...]:
@@ -57,8 +61,15 @@ def read_selected(ck: Checkpoint, job: TensorJob) -> torch.Tensor:
     return out
 
 
+def merged_weight(ck: Checkpoint, job: TensorJob) -> torch.Tensor:
+    """A merge job's weighted sum in float32, reading (and dequantizing) one source at a time."""
+    return merging.merge_tensor((ck.read(name), w) for name, w in job.merge)
+
+
 def selected_bytes(ck: Checkpoint, job: TensorJob) -> int:
     """Source bytes this job needs (weight rows kept, plus the scale grid of an FP8 weight)."""
+    if job.merge:
+        return sum(selected_bytes(ck, TensorJob(name, job.output)) for name, _ in job.merge)
     t = ck.info(job.source)
     n = t.nbytes if job.rows is None else (t.nbytes // max(t.shape[0], 1)) * len(job.rows)
     s = ck.scale_of(job.source) if t.dtype == "F8_E4M3" else None
@@ -95,6 +106,8 @@ class Bf16Transform(Transform):
         return (PlannedTensor(job.output, dtype, out_shape(ck, job)),)
 
     def produce(self, ck, job):
+        if job.merge:
+            return (merged_weight(ck, job).to(DTYPES[self.plan(ck, job)[0].dtype][0]),)
         if ck.is_fp8(job.source):
             if job.rows is not None:
                 raise ValueError(f"{job.source}: row selection of an FP8 weight is not supported")
@@ -127,6 +140,10 @@ class Fp8Transform(Transform):
         return (PlannedTensor(job.output, "F8_E4M3", t.shape), PlannedTensor(scale_name(job.output), "F32", s.shape))
 
     def produce(self, ck, job):
+        if job.merge:
+            # A merged expert has no source bytes to copy: block-quantize the float32 sum on
+            # the source's 128x128 grid, so the output stays one uniform FP8 checkpoint.
+            return fp8.quantize(merged_weight(ck, job))
         if ck.is_fp8(job.source):
             if job.rows is not None:
                 raise ValueError(f"{job.source}: row selection of an FP8 weight is not supported")

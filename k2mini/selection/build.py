@@ -8,7 +8,8 @@ from k2mini.checkpoint.reader import Checkpoint
 from k2mini.errors import UsageError
 from k2mini.model.spec import ModelSpec
 from k2mini.selection.context import SelectionContext, SelectOptions
-from k2mini.selection.experts import EXPERT_SCORERS, EXPLICIT, expert_strategies, pick
+from k2mini.selection import merge as merging
+from k2mini.selection.experts import EXPERT_SCORERS, EXPLICIT, _stats, expert_strategies, pick
 from k2mini.selection.layers import LAYER_SELECTORS
 from k2mini.selection.plan import ExpertSelection, Plan, PlanConfig
 
@@ -26,6 +27,18 @@ def _explicit_experts(o: SelectOptions, layer: int, E: int) -> list[int]:
     if len(set(ids)) != len(ids):
         raise UsageError(f"--keep-experts: layer {layer} lists an expert twice")
     return sorted(ids)
+
+
+def _merge_groups(ctx: SelectionContext, layer: int, kept: list[int]) -> list[list[tuple[int, float]]]:
+    """Each pruned expert folded into the kept expert whose router row is closest (cosine),
+    weighted by the analysis' routing frequencies (merge.merge_plan: (f + 1) / sum(f + 1))."""
+    freq = _stats(ctx, layer, "--merge").frequency
+    if len(freq) != ctx.spec.n_routed_experts:
+        raise UsageError(f"--analysis {ctx.analysis_path}: layer {layer} has {len(freq)} frequencies, "
+                         f"the source has {ctx.spec.n_routed_experts} experts")
+    sim = merging.router_similarity(ctx.ck.read(f"model.layers.{layer}.mlp.gate.weight").float())
+    groups = merging.merge_plan(kept, sim, [float(f) for f in freq])
+    return [groups[k] for k in kept]
 
 
 def build_plan(
@@ -74,6 +87,8 @@ def build_plan(
             f"--experts {n_exp} is below num_experts_per_tok {top_k}; pass --top-k {n_exp} (or lower) to route to fewer experts"
         )
 
+    if o.merge is not None and analysis is None:
+        raise UsageError("--merge needs --analysis analysis.json (its routing frequencies weight each merge)")
     ctx = SelectionContext(ck, spec, o, analysis, analysis_path)
     choice = LAYER_SELECTORS[o.layer_strategy](ctx, n_layers)
     if len(choice.layers) != n_layers and o.layer_strategy != "explicit":
@@ -119,10 +134,13 @@ def build_plan(
     experts = []
     for layer in moe_layers:
         if explicit_lists:
-            experts.append(ExpertSelection(source_layer=layer, kept=explicit_lists[layer]))
-            continue
-        scores = EXPERT_SCORERS[o.expert_strategy](ctx, layer)
-        experts.append(ExpertSelection(source_layer=layer, kept=pick(scores, n_exp, group_for_pick), scores=scores))
+            sel = ExpertSelection(source_layer=layer, kept=explicit_lists[layer])
+        else:
+            scores = EXPERT_SCORERS[o.expert_strategy](ctx, layer)
+            sel = ExpertSelection(source_layer=layer, kept=pick(scores, n_exp, group_for_pick), scores=scores)
+        if o.merge is not None and len(sel.kept) < E:
+            sel.merge = _merge_groups(ctx, layer, sel.kept)
+        experts.append(sel)
 
     n_dense = sum(1 for l in choice.layers if not spec.is_moe(l))
     plan = Plan(
@@ -143,6 +161,7 @@ def build_plan(
             topk_group=topk_group,
         ),
         analysis=analysis_path,
+        merge_similarity=o.merge if any(e.merge for e in experts) else None,
         notes=notes + ctx.notes,
     )
     plan.check(spec)

@@ -24,6 +24,7 @@ class SelectOptions:
     protect_ends: bool = True
     layer_metric: Literal["block_influence", "nll_increase"] = "block_influence"
     groups: Literal["auto", "keep", "flatten"] = "auto"
+    merge: Literal["router"] | None = None  # fold pruned experts into kept ones (needs an analysis)
 
 
 @dataclass

@@ -1,8 +1,12 @@
 """Expert merging: fold each pruned expert into the kept expert it is most similar to.
 
-Similarity is output-based: the cosine between two experts' outputs on the same calibration
-tokens, f_i(X) and f_j(X) flattened over tokens and hidden units (router-logit similarity
-says which tokens two experts want, not whether they compute the same thing). The merged
+Two similarities. Output-based (the study's): the cosine between two experts' outputs on the
+same calibration tokens, f_i(X) and f_j(X) flattened over tokens and hidden units; it needs
+every expert run on every calibration token, which ``analyze`` does not do (it runs each
+expert on its routed tokens only). Router-logit (``convert --merge router``): the cosine of
+the two experts' router weight rows, i.e. of their routing logits w_i.x over inputs x with no
+preferred direction; it needs no data, only the router weights. Router similarity says which
+tokens two experts want, not whether they compute the same thing. The merged
 expert's gate/up/down matrices are the routing-frequency-weighted mean of its group
 (the kept expert and the pruned ones folded into it); the kept expert's router row and
 correction bias are unchanged, so routing among kept experts is what pruning alone gives.
@@ -20,6 +24,13 @@ def output_similarity(outs: torch.Tensor) -> torch.Tensor:
     flat = outs.permute(1, 0, 2).reshape(outs.shape[1], -1).double()
     flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)
     return (flat @ flat.T).float()
+
+
+def router_similarity(router_weight: torch.Tensor) -> torch.Tensor:
+    """[E, E] cosine similarity of the router weight rows ``router_weight`` [E, H]."""
+    w = router_weight.double()
+    w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return (w @ w.T).float()
 
 
 def merge_plan(kept: list[int], similarity: torch.Tensor, frequency: list[float]) -> dict[int, list[tuple[int, float]]]:

@@ -29,8 +29,9 @@ class ExpertSelection(BaseModel):
     kept: list[int]
     # The strategy's score for every source expert (higher = more worth keeping), when it has one.
     scores: list[float] | None = None
-    # Reserved for merging: merge[i] lists the source experts folded into output expert i.
-    merge: list[list[int]] | None = None
+    # convert --merge: output expert i is sum_j w_j * source expert e_j over
+    # merge[i] = [(e_j, w_j), ...]; the kept expert kept[i] comes first, the weights sum to 1.
+    merge: list[list[tuple[int, float]]] | None = None
 
 
 class PlanConfig(BaseModel):
@@ -58,6 +59,7 @@ class Plan(BaseModel):
     group_policy: GroupPolicy
     config: PlanConfig
     analysis: str | None = None  # analysis file the scores came from
+    merge_similarity: str | None = None  # "router" when pruned experts were merged (ExpertSelection.merge)
     notes: list[str] = Field(default_factory=list)
 
     def save(self, path: str | Path) -> None:
@@ -102,8 +104,8 @@ class Plan(BaseModel):
                 raise UsageError(f"{where}: layer {e.source_layer}: expert {bad[0]} does not exist (the source has experts 0..{E - 1})")
             if len(set(e.kept)) != len(e.kept):
                 raise UsageError(f"{where}: layer {e.source_layer}: an expert is listed twice")
-            if e.merge:
-                raise UsageError(f"{where}: layer {e.source_layer}: merge groups are not supported by this version of convert")
+            if e.merge is not None:
+                _check_merge(e, E, where)
         n = counts.pop() if counts else c.n_routed_experts
         if (c.num_hidden_layers, c.first_k_dense_replace, c.n_routed_experts) != (len(self.layers), n_dense, n):
             raise UsageError(
@@ -125,3 +127,23 @@ class Plan(BaseModel):
                     raise UsageError(f"{where}: layer {e.source_layer}: per-group policy needs {per} experts from each group, got {got}")
                 if e.kept != sorted(e.kept):
                     raise UsageError(f"{where}: layer {e.source_layer}: with groups kept, experts must be in increasing order")
+
+
+def _check_merge(e: ExpertSelection, n_experts: int, where: str) -> None:
+    at = f"{where}: layer {e.source_layer}: merge groups"
+    if len(e.merge) != len(e.kept):
+        raise UsageError(f"{at}: {len(e.merge)} groups for {len(e.kept)} kept experts")
+    seen: set[int] = set()
+    for k, group in zip(e.kept, e.merge):
+        if not group or group[0][0] != k:
+            raise UsageError(f"{at}: the group of output expert {k} must start with expert {k} itself")
+        for x, w in group:
+            if not 0 <= x < n_experts:
+                raise UsageError(f"{at}: expert {x} does not exist (the source has experts 0..{n_experts - 1})")
+            if x in seen or (x != k and x in e.kept):
+                raise UsageError(f"{at}: expert {x} is folded in twice or is also kept")
+            if not w > 0:
+                raise UsageError(f"{at}: expert {x} has weight {w} (must be > 0)")
+            seen.add(x)
+        if abs(sum(w for _, w in group) - 1.0) > 1e-6:
+            raise UsageError(f"{at}: the weights of output expert {k} sum to {sum(w for _, w in group)}, not 1")
