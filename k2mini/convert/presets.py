@@ -9,8 +9,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from k2mini.errors import UsageError
+from k2mini.resources import config_dir
 
-PRESET_DIRS = (Path(__file__).resolve().parents[2] / "configs" / "presets", Path(__file__).resolve().parents[1] / "presets")
+PRESET_DIR = config_dir("presets")
 
 
 class Preset(BaseModel):
@@ -27,15 +28,15 @@ class Preset(BaseModel):
 
 
 def preset_names() -> list[str]:
-    return sorted({p.stem for d in PRESET_DIRS if d.is_dir() for p in d.glob("*.json")})
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
 def load_preset(name: str) -> Preset:
     """A preset by name (``k2-mini``) or by path to a JSON file."""
     path = Path(name)
     if not path.is_file():
-        path = next((d / f"{name}.json" for d in PRESET_DIRS if (d / f"{name}.json").is_file()), None)
-        if path is None:
+        path = PRESET_DIR / f"{name}.json"
+        if not path.is_file():
             raise UsageError(f"--preset {name}: no such preset (known: {', '.join(preset_names()) or 'none'}) and no such file")
     try:
         return Preset.model_validate(json.loads(path.read_text()))

@@ -14,8 +14,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from k2mini.errors import UsageError
+from k2mini.resources import config_dir
 
-PROFILE_DIR = Path(__file__).resolve().parents[2] / "configs" / "gpus"
+PROFILE_DIR = config_dir("gpus")
 MIB = 1 << 20
 
 
