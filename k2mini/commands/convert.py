@@ -114,6 +114,7 @@ def run(
     from k2mini.convert.presets import load_preset
     from k2mini.convert.transforms import make_transform
     from k2mini.output import check_output
+    from k2mini.quantize import convert_hook  # noqa: F401  (registers --dtype int4/int8)
     from k2mini.selection.build import build_plan, check_plan_source
     from k2mini.selection.context import SelectOptions
     from k2mini.selection.plan import Plan

@@ -6,9 +6,6 @@ import json
 
 import click
 
-from k2mini.checkpoint.reader import Checkpoint
-from k2mini.inspection import inspect_checkpoint
-
 
 @click.command("inspect")
 @click.argument("source")
@@ -24,6 +21,10 @@ def inspect_cmd(source: str, as_json: bool) -> None:
       k2mini inspect ./Kimi-K2-Instruct
       k2mini inspect ./k2-mini-24x16 --json | jq .params
     """
+    # Here, not at the top: every command module is imported for `k2mini --help`.
+    from k2mini.checkpoint.reader import Checkpoint
+    from k2mini.inspection import inspect_checkpoint
+
     report = inspect_checkpoint(Checkpoint.open(source))
     if as_json:
         click.echo(json.dumps(report.model_dump(), indent=2))

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-import k2mini.quantize.convert_hook  # noqa: F401  (registers convert --dtype int4/int8)
-from k2mini.quantize.formats import FORMATS
+from k2mini.quantize import FORMATS
 
 
 @click.command("quantize")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.convert.transforms import Bf16Transform, TensorJob, Transform, out_shape, register_transform, selected_bytes
-from k2mini.quantize.transform import IntTransform, QuantOptions
 
 # --dtype name -> (bits, group size); INT4 defaults to groups of 128, INT8 to per channel.
 CHOICES = {"int4": (4, None), "int4-g64": (4, 64), "int4-g32": (4, 32), "int8": (8, None)}
@@ -18,6 +17,10 @@ CHOICES = {"int4": (4, None), "int4-g64": (4, 64), "int4-g32": (4, 32), "int8": 
 
 class IntConvertTransform(Transform):
     def __init__(self, name: str):
+        # Here, not at the top: registering the names must not import compressed-tensors
+        # (and with it transformers) for every convert run.
+        from k2mini.quantize.transform import IntTransform, QuantOptions
+
         bits, group = CHOICES[name]
         self.name = name
         self.int = IntTransform(QuantOptions(bits, group))

@@ -22,10 +22,8 @@ import torch
 
 from k2mini.checkpoint.names import Role, TensorName
 from k2mini.checkpoint.safetensors_format import PlannedTensor
-from k2mini.quantize import intq
+from k2mini.quantize import FORMATS, intq
 from k2mini.quantize.policy import DEFAULT_IGNORE, is_ignored, is_linear_weight, module_of
-
-FORMATS = ("compressed-tensors", "bnb", "quanto")
 INT_TAGS = frozenset({"I8", "U8", "I16", "I32", "I64"})
 
 
