@@ -278,6 +278,28 @@ def test_convert_int4_one_pass_equals_convert_then_quantize(tiny_fixture, tmp_pa
         assert one[k].dtype == two[k].dtype and torch.equal(one[k], two[k]), k
     cfg = json.loads((tmp_path / "one" / "config.json").read_text())
     assert cfg["quantization_config"]["format"] == "pack-quantized" and cfg["num_hidden_layers"] == 3
+    cfg_two = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert cfg["k2mini"]["quantize"] == cfg_two["k2mini"]["quantize"] == {
+        "format": "compressed-tensors", "bits": 4, "group_size": 32, "ignore": ["lm_head", r"re:.*mlp\.gate$"]}
+    # The same report, except what the input held: FP8 bytes + scale grids read from the
+    # source in one pass, the BF16 copy in two.
+    rep = {k: json.loads((tmp_path / k / "quantization_report.json").read_text()) for k in ("one", "two")}
+    by_name = {k: {t.pop("name"): t for t in r["tensors"]} for k, r in rep.items()}
+    ln = "model.layers.2.mlp.experts.3.down_proj.weight"
+    assert {n: {f: v for f, v in t.items() if f != "bytes_in"} for n, t in by_name["one"].items()} == \
+           {n: {f: v for f, v in t.items() if f != "bytes_in"} for n, t in by_name["two"].items()}
+    assert ln in by_name["one"] and len(by_name["one"]) == len(rep["one"]["tensors"])
+    for f in ("bytes_out", "linear_int_bytes", "int_param_share_linear", "worst", "unquantized_linear"):
+        assert rep["one"][f] == rep["two"][f], f
+    # Same errors summed in another order (output order vs the BF16 checkpoint's).
+    assert rep["one"]["mean_rel_error"] == pytest.approx(rep["two"]["mean_rel_error"], rel=1e-12)
+    assert rep["one"]["source"] == str(tiny_fixture.path) and rep["two"]["source"] == str(tmp_path / "bf16")
+    assert by_name["one"][ln]["bytes_in"] < by_name["two"][ln]["bytes_in"] == 2 * by_name["two"][ln]["params"]
+    # The model card names the integer format in both (a copy of the BF16 card said bf16).
+    card = {k: (tmp_path / k / "README.md").read_text() for k in ("one", "two")}
+    assert card["one"] == card["two"]
+    assert "INT4 linear weights (`compressed-tensors` pack-quantized, one scale per 32 input columns)" in card["one"]
+    assert "`bf16` weights" in (tmp_path / "bf16" / "README.md").read_text() and "`bf16`" not in card["one"]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "one", dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.isfinite(model(torch.arange(3, 30).unsqueeze(0)).logits).all()

@@ -32,6 +32,22 @@ correction biases are the kept expert's own.
 """
 
 
+def _int_line(q: dict[str, Any]) -> str:
+    """Weights written by `k2mini quantize` or `convert --dtype int4|int8` (the k2mini.quantize block)."""
+    if q["format"] == "bnb":
+        line = (f"bitsandbytes {'NF4' if q['bits'] == 4 else 'LLM.int8'} linear weights, routed experts BF16 "
+                "(bitsandbytes replaces nn.Linear modules only)")
+    elif q["format"] == "quanto":
+        line = (f"BF16 weights that transformers quantizes to INT{q['bits']} with optimum-quanto at load time, "
+                "routed experts excepted (quanto replaces nn.Linear modules only)")
+    else:
+        scale = f"one scale per {q['group_size']} input columns" if q.get("group_size") else "one scale per output channel"
+        line = f"INT{q['bits']} linear weights (`{q['format']}` pack-quantized, {scale})"
+    kept = ", ".join(f"`{m}`" for m in q.get("ignore") or [])
+    return (line + "; embeddings, norms" + (f" and {kept}" if kept else "") + " stay BF16; per-tensor errors and the "
+            "share of weights stored as integers are in `quantization_report.json`")
+
+
 def model_card(cfg: dict[str, Any], plan: Plan, *, params: int, total_size: int, src_layers: int, src_experts: int) -> str:
     k = cfg["k2mini"]
     layers = ", ".join(map(str, plan.layers))
@@ -45,6 +61,8 @@ def model_card(cfg: dict[str, Any], plan: Plan, *, params: int, total_size: int,
     dtype_line = ("FP8 e4m3 block-scaled weights copied bit for bit from the source (`quantization_config` kept)"
                   if k["dtype"] == "fp8" else
                   f"`{k['dtype']}` weights" + ("" if quant is None else f" (`quantization_config`: {quant.get('quant_method', quant.get('format', '?'))})"))
+    if k.get("quantize"):
+        dtype_line = _int_line(k["quantize"])
     return f"""---
 library_name: transformers
 tags:

@@ -22,6 +22,9 @@ def fixed_config(src_cfg: dict[str, Any], plan: Plan, transform: Transform) -> d
     # The plan keeps dense layers in front, then one MoE layer after another.
     cfg["moe_layer_freq"] = 1
     cfg["num_nextn_predict_layers"] = 0  # MTP layers are never written
+    # A source's own k2mini block (it was itself reduced) is replaced, but what the transform
+    # adds to the block (quantize settings) is kept.
+    cfg.pop("k2mini", None)
     cfg = transform.update_config(cfg)
     cfg["k2mini"] = {
         "tool_version": __version__,
@@ -36,5 +39,6 @@ def fixed_config(src_cfg: dict[str, Any], plan: Plan, transform: Transform) -> d
         "analysis": plan.analysis,
         "merge": plan.merge_similarity,  # set: output experts are merges, expert_map names the kept one
         "dtype": transform.name,
+        **cfg.get("k2mini", {}),
     }
     return cfg

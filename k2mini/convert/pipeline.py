@@ -259,6 +259,8 @@ def run_convert(
         finally:
             prefetcher.close()
         summary.tensor_bytes_read = ck.source.bytes_read - tensor_read0
+        for name, data in p.transform.output_files(ck.description, str(output)).items():
+            write_file(od.partial / name, data)
         od.commit()
     summary.bytes_read = ck.source.bytes_read - read0
     summary.reused_shards = len(res.reused_shards)

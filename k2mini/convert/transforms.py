@@ -94,6 +94,10 @@ class Transform:
     def key(self) -> str:
         return self.name
 
+    def output_files(self, source: str, output: str) -> dict[str, bytes]:
+        """Files to write next to the weights once every tensor is produced (a report)."""
+        return {}
+
 
 class Bf16Transform(Transform):
     """FP8 weights dequantized to BF16 (bit-exact block formula); other tensors as stored."""

@@ -46,6 +46,12 @@ class IntConvertTransform(Transform):
         o = self.int.opts
         return f"{self.name}:{o.format}:{o.bits}:{o.group_size}:{','.join(o.ignore)}"
 
+    def output_files(self, source: str, output: str) -> dict[str, bytes]:
+        # The same report `k2mini quantize` writes; bytes_in counts the FP8 source bytes read.
+        from k2mini.quantize.report import REPORT_FILE
+
+        return {REPORT_FILE: self.int.report(source, output).to_bytes()}
+
 
 for _name in CHOICES:
     register_transform(_name, lambda _n=_name, **_: IntConvertTransform(_n))

@@ -51,6 +51,9 @@ class QuantReport(BaseModel):
     mean_rel_error: float | None
     warning: str | None = None
 
+    def to_bytes(self) -> bytes:
+        return (self.model_dump_json(indent=1) + "\n").encode()
+
     def summary(self) -> str:
         mib = 2**20
         lines = [

@@ -15,11 +15,14 @@ from pathlib import Path
 from k2mini.checkpoint.names import Role
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, WriteUnit, planned_bytes, write_file, write_sharded
+from k2mini.convert.card import model_card
 from k2mini.errors import CheckpointError
+from k2mini.model.spec import ModelSpec
 from k2mini.output import OutputDir
 from k2mini.quantize.formats import INT_TAGS
 from k2mini.quantize.report import REPORT_FILE, QuantReport
 from k2mini.quantize.transform import IntTransform, QuantOptions
+from k2mini.selection.plan import PLAN_FILE, Plan
 
 # quant_method values we can read: none (BF16) or K2's block FP8.
 _READABLE_QUANT = (None, "fp8")
@@ -53,6 +56,21 @@ def aux_files(ck: Checkpoint) -> list[str]:
     return [f for f in ck.source.list_files() if "/" not in f and f not in skip and not f.endswith(AUX_SKIP_SUFFIXES)]
 
 
+def reduced_model_card(ck: Checkpoint, out_cfg: dict, total_size: int) -> str | None:
+    """A k2mini-reduced input's model card, rewritten for the quantized weights (the copied
+    one would say BF16). None for other inputs: their README is not ours and is copied."""
+    if not (isinstance(ck.config.get("k2mini"), dict) and ck.source.exists(PLAN_FILE) and "README.md" in aux_files(ck)):
+        return None
+    try:
+        plan = Plan.model_validate_json(ck.source.read_bytes(PLAN_FILE))
+    except ValueError as exc:
+        msg = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"not a valid plan ({msg}); it is needed to rewrite the model card", path=f"{ck.description}/{PLAN_FILE}") from None
+    params = ModelSpec.from_config({k: v for k, v in out_cfg.items() if k != "quantization_config"}).param_count()
+    return model_card(out_cfg, plan, params=params, total_size=total_size,
+                      src_layers=plan.source.num_hidden_layers, src_experts=plan.source.n_routed_experts)
+
+
 def quantize_checkpoint(
     src: str | Path,
     out: str | Path,
@@ -78,16 +96,22 @@ def quantize_checkpoint(
         planned = transform.plan(name, in_dtype, t.shape, t.nbytes + (scale.nbytes if scale else 0))
         units.append(WriteUnit(tuple(planned), lambda n=name: list(transform.apply(n, ck.read(n)))))
     aux = aux_files(ck)
-    cfg = (json.dumps(transform.config(ck.config), indent=2) + "\n").encode()
+    out_cfg = transform.config(ck.config)
+    cfg = (json.dumps(out_cfg, indent=2) + "\n").encode()
+    card = reduced_model_card(ck, out_cfg, sum(u.nbytes for u in units))
+    if card is not None:
+        aux.remove("README.md")
     need = planned_bytes(units, max_shard_bytes) + sum(ck.source.size(f) for f in aux) + 2**20
     with OutputDir(out, source=ck.description, overwrite=overwrite, planned_bytes=need) as od:
         for f in aux:
             write_file(od.partial / f, ck.source.read_bytes(f))
         write_file(od.partial / "config.json", cfg)
+        if card is not None:
+            write_file(od.partial / "README.md", card.encode())
         total = sum(u.nbytes for u in units)
         with tqdm(total=total, unit="B", unit_scale=True, desc="quantize", disable=not progress, file=sys.stderr) as bar:
             write_sharded(od.partial, units, max_shard_bytes=max_shard_bytes, on_tensor=lambda p: bar.update(p.nbytes))
         report = transform.report(str(src), str(out))
-        write_file(od.partial / REPORT_FILE, (report.model_dump_json(indent=1) + "\n").encode())
+        write_file(od.partial / REPORT_FILE, report.to_bytes())
         od.commit()
     return report

@@ -203,4 +203,8 @@ class IntTransform:
         return output_config(cfg, self.fmt, self.opts)
 
     def report(self, source: str, output: str) -> QuantReport:
-        return build_report(source, output, self.opts, self.fmt, list(self.jobs.values()), self.records)
+        """Every planned tensor in plan order. One never produced in this run (a shard reused
+        by convert --resume) is reported without its error, which needs the data."""
+        done = {r.name: r for r in self.records}
+        records = [done.get(name) or _record(self.fmt, job, None, None) for name, job in self.jobs.items()]
+        return build_report(source, output, self.opts, self.fmt, list(self.jobs.values()), records)
