@@ -20,7 +20,7 @@ from k2mini.model.hf import load_checkpoint_model
 from k2mini.nano.train import fast_experts
 from k2mini.selection import merge as merging
 from k2mini.selection.experts import rank_positions
-from k2mini.selection.output_error import Routing, elimination_order, expert_outputs
+from k2mini.selection.output_error import Routing, elimination_order, expert_outputs, scores_from_order
 
 MASKED = -1e9
 
@@ -162,10 +162,7 @@ def expert_scores(strategy: str, st: LayerStats, seed: int) -> list[float]:
     if strategy == "reap_merge":
         return list(st.reap)
     if strategy == "output_error":
-        s = [0.0] * len(st.output_error_order)
-        for rank, e in enumerate(st.output_error_order):
-            s[e] = float(rank)
-        return s
+        return scores_from_order(st.output_error_order)
     if strategy == "random":
         g = torch.Generator().manual_seed(seed)
         return torch.rand(len(st.frequency), generator=g).tolist()

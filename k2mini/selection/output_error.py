@@ -7,7 +7,11 @@ block's output once several experts are gone and their tokens have moved to othe
 measures that directly, by greedy backward elimination: starting from all experts, remove
 the one whose removal (given those already removed) raises the relative squared error of the
 routed output least. Every expert's output on every calibration token is computed once, so
-each candidate costs one re-routing (a top-k and a gather), not a model run.
+a candidate costs a re-routing of the tokens it serves (a top-k and a gather), not a model run.
+
+Memory: the outputs are [T, E, H] float32. At Kimi-K2's dims (E 384, H 7168) that is 11 MB
+per calibration token (5.6 GB for 512 tokens), which is why ``k2mini analyze`` computes it
+on a sample of the calibration tokens (``--output-error-tokens``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ class Routing:
     top_k: int
     norm_topk_prob: bool = True
     scaling: float = 1.0
+    # Group-limited routing (DeepSeek-V3: 8 groups, top 4) of the unpruned model; see full_output.
+    n_group: int = 1
+    topk_group: int = 1
 
 
 def expert_outputs(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -35,44 +42,84 @@ def expert_outputs(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -
     return torch.einsum("tei,ehi->teh", torch.nn.functional.silu(g) * u, down)
 
 
-def routed_output(scores: torch.Tensor, choice: torch.Tensor, outs: torch.Tensor, kept: torch.Tensor, r: Routing) -> torch.Tensor:
-    """sum_k w_k f_k(x) with experts outside the boolean ``kept`` mask never chosen."""
-    masked = choice.masked_fill(~kept, float("-inf"))
-    idx = masked.topk(r.top_k, dim=-1).indices
+def _pick(scores: torch.Tensor, choice: torch.Tensor, kept: torch.Tensor, r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k among ``kept`` (a [E] or per-row [N, E] mask): ids [N, k] and normalised, scaled weights."""
+    idx = choice.masked_fill(~kept, float("-inf")).topk(r.top_k, dim=-1).indices
     w = scores.gather(1, idx)
     if r.norm_topk_prob:
         w = w / (w.sum(-1, keepdim=True) + 1e-20)
-    w = w * r.scaling
-    picked = outs.gather(1, idx[..., None].expand(-1, -1, outs.shape[-1]))
-    return (w[..., None] * picked).sum(1)
+    return idx, w * r.scaling
 
 
-def elimination_order(x: torch.Tensor, r: Routing, outs: torch.Tensor, candidates: int | None = None) -> list[int]:
+def _combine(outs: torch.Tensor, tokens: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum_k w_k f_{idx_k}(x_t) for each row's token t."""
+    return (w[..., None] * outs[tokens[:, None], idx]).sum(1)
+
+
+def routed_output(scores: torch.Tensor, choice: torch.Tensor, outs: torch.Tensor, kept: torch.Tensor, r: Routing) -> torch.Tensor:
+    """sum_k w_k f_k(x) with experts outside the boolean ``kept`` mask never chosen."""
+    return _combine(outs, torch.arange(outs.shape[0]), *_pick(scores, choice, kept, r))
+
+
+def full_output(x: torch.Tensor, r: Routing, outs: torch.Tensor) -> torch.Tensor:
+    """The unpruned block's routed output, with group-limited choice when n_group > 1.
+
+    Pruned candidates are always re-routed by plain top-k over the kept experts (what
+    convert's ``--groups flatten`` writes); with groups kept per group it is an approximation.
+    """
+    if r.n_group <= 1:
+        scores = torch.sigmoid(x.float() @ r.weight.float().T)
+        return routed_output(scores, scores + r.bias.float(), outs, torch.ones(scores.shape[1], dtype=torch.bool), r)
+    from k2mini.model.layerwise import route
+
+    cfg = {"num_experts_per_tok": r.top_k, "n_group": r.n_group, "topk_group": r.topk_group,
+           "norm_topk_prob": r.norm_topk_prob, "routed_scaling_factor": r.scaling}
+    idx, w = route(x.float(), r.weight, r.bias, cfg)
+    return _combine(outs, torch.arange(outs.shape[0]), idx, w)
+
+
+def elimination_order(x: torch.Tensor, r: Routing, outs: torch.Tensor, chunk_floats: int = 1 << 26) -> list[int]:
     """Experts in the order greedy backward elimination removes them (first = least needed).
 
     Keeping the last n of the list is the greedy selection for every n >= top_k at once.
-    ``candidates`` limits each round to the experts with the lowest single-removal error
-    (None: try all), trading search breadth for time on large E.
+    Each round tries every remaining expert. Removing expert c changes only the tokens that
+    currently route to c, so a round re-routes T*k (token, candidate) pairs, not T per
+    candidate: the total error of candidate c is the current error plus the change on its
+    tokens (equal, up to float summation order, to summing every token's error). Ties go
+    to the lower expert id. ``chunk_floats`` bounds the gathered expert outputs per step
+    (pairs * k * H floats).
     """
     x = x.float()
     scores = torch.sigmoid(x @ r.weight.float().T)
     choice = scores + r.bias.float()
-    E = scores.shape[1]
+    T, E = scores.shape
+    H = outs.shape[-1]
+    full = full_output(x, r, outs)
     kept = torch.ones(E, dtype=torch.bool)
-    full = routed_output(scores, choice, outs, kept, r)
-    denom = full.square().sum().clamp_min(1e-30)
+    cur_idx, cur_w = _pick(scores, choice, kept, r)
+    cur_err = (_combine(outs, torch.arange(T), cur_idx, cur_w) - full).square().sum(-1)
+    step = max(1, chunk_floats // (r.top_k * H))
     order: list[int] = []
     while int(kept.sum()) > r.top_k:
+        # Every (token, expert it routes to now): that expert is the candidate removed.
+        tok = torch.arange(T).repeat_interleave(r.top_k)
+        cand = cur_idx.reshape(-1)
+        new_idx = torch.empty(tok.numel(), r.top_k, dtype=torch.long)
+        new_err = torch.empty(tok.numel())
+        for p0 in range(0, tok.numel(), step):
+            t, c = tok[p0 : p0 + step], cand[p0 : p0 + step]
+            mask = kept.expand(t.numel(), E).clone()
+            mask[torch.arange(t.numel()), c] = False
+            i, w = _pick(scores[t], choice[t], mask, r)
+            new_idx[p0 : p0 + step] = i
+            new_err[p0 : p0 + step] = (_combine(outs, t, i, w) - full[t]).square().sum(-1)
+        delta = torch.zeros(E, dtype=torch.float64).index_add_(0, cand, (new_err - cur_err[tok]).double())
         alive = kept.nonzero().flatten().tolist()
-        errs = {}
-        for c in alive:
-            kept[c] = False
-            errs[c] = float((routed_output(scores, choice, outs, kept, r) - full).square().sum() / denom)
-            kept[c] = True
-        ranked = sorted(alive, key=lambda c: (errs[c], c))
-        if candidates is not None:
-            ranked = ranked[:candidates]
-        best = ranked[0]
+        best = min(alive, key=lambda c: (float(delta[c]), c))
+        moved = cand == best
+        t = tok[moved]
+        cur_idx[t] = new_idx[moved]
+        cur_err[t] = new_err[moved]
         kept[best] = False
         order.append(best)
     order += sorted(kept.nonzero().flatten().tolist())
@@ -92,7 +139,7 @@ def relative_error(x: torch.Tensor, r: Routing, outs: torch.Tensor, kept_ids: li
     x = x.float()
     scores = torch.sigmoid(x @ r.weight.float().T)
     choice = scores + r.bias.float()
-    full = routed_output(scores, choice, outs, torch.ones(scores.shape[1], dtype=torch.bool), r)
+    full = full_output(x, r, outs)
     kept = torch.zeros(scores.shape[1], dtype=torch.bool)
     kept[kept_ids] = True
     return float((routed_output(scores, choice, outs, kept, r) - full).square().sum() / full.square().sum().clamp_min(1e-30))
