@@ -264,10 +264,10 @@ def test_analyze_then_convert_at_two_ratios_loads_in_transformers(tiny_fixture, 
         with torch.no_grad():
             logits = model(ids).logits
         assert logits.shape == (1, 6, tiny_fixture.config["vocab_size"]) and torch.isfinite(logits).all()
-        # With an analysis the default expert strategy is REAP: every kept MoE layer keeps its
-        # top-REAP experts (expert_map is keyed by output layer index).
+        # With an analysis the default expert strategy is output-error: every kept MoE layer
+        # keeps the last experts of its elimination order (expert_map is keyed by output layer index).
         prov = cfg["k2mini"]
-        assert prov["expert_strategy"] == "reap" and prov["expert_map"]
+        assert prov["expert_strategy"] == "output-error" and prov["expert_map"]
         for out_layer, kept in prov["expert_map"].items():
-            reap = a.layers[prov["source_layers"][int(out_layer)]].experts.reap
-            assert sorted(kept) == sorted(sorted(range(len(reap)), key=lambda e: (-reap[e], e))[:experts])
+            order = a.layers[prov["source_layers"][int(out_layer)]].experts.output_error_order
+            assert sorted(kept) == sorted(order[-experts:])

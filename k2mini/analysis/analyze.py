@@ -5,6 +5,16 @@ block of n consecutive layers, and optionally the SLEB-style NLL increase when o
 skipped. Expert metrics (frequency, mean routing weight, REAP, EAN, max activation) are
 taken from the runner's expert outputs on routed tokens only, with K2's real routing.
 
+Output-error order (selection/output_error.py): on a sample of at most
+``output_error_tokens`` calibration tokens, every expert's output is computed while the
+runner has that expert's weights in memory (so every expert of a MoE layer is read, also
+those no token picked), then greedy backward elimination orders the experts. The sample's
+outputs are ``[N, E, H]`` float32, held for one layer at a time: at Kimi-K2's dims
+(E 384, H 7168) 11 MB per token, 5.6 GB at the default 512; compute is N * E expert
+applications per layer (512 x 384, about 1.5x the main pass's 16,384 tokens x top-8 at the
+default --samples 32 --seq-len 512). A token sample, not an expert chunking: the greedy
+re-routes tokens among all experts, so it needs every expert's output on the same tokens.
+
 The skip-one-layer NLL costs no extra weight reads: when layer l is reached, the first
 ``nll_samples`` calibration sequences are copied *unchanged* (layer l skipped) and carried
 through every later layer as extra sequences alongside the main set. Each later layer is
@@ -32,8 +42,10 @@ from k2mini.analysis.schema import Analysis, ExpertStats, LayerStats, SourceFing
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.errors import UsageError
 from k2mini.model.layerwise import DEFAULT_MEMORY_BUDGET, ActivationStore, LayerObserver, LayerwiseRunner, token_nll
+from k2mini.selection.output_error import Routing, elimination_order, expert_outputs
 
 STATE_FILE = "state.pt"
+DEFAULT_OUTPUT_ERROR_TOKENS = 512
 
 
 @dataclass
@@ -43,6 +55,7 @@ class AnalyzeOptions:
     weight_norms: bool = False  # read every expert for weight norms (default: routed ones are enough for REAP)
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     progress: bool = True
+    output_error_tokens: int = DEFAULT_OUTPUT_ERROR_TOKENS  # 0: no output-error order
 
 
 class ExpertAccumulator:
@@ -76,13 +89,23 @@ class ExpertAccumulator:
         )
 
 
-class MetricsObserver(LayerObserver):
-    """Collects layer and expert metrics on the first ``main_seqs`` sequences only."""
+def output_error_sample(main_tokens: int, cap: int, seed: int) -> torch.Tensor:
+    """Flat indices of the calibration tokens the output-error order is computed on: all
+    of them when they are at most ``cap``, else ``cap`` drawn at random (seeded), sorted."""
+    if main_tokens <= cap:
+        return torch.arange(main_tokens)
+    return torch.randperm(main_tokens, generator=torch.Generator().manual_seed(seed))[:cap].sort().values
 
-    def __init__(self, main_seqs: int, seq_len: int, n_experts: int):
+
+class MetricsObserver(LayerObserver):
+    """Collects layer and expert metrics on the first ``main_seqs`` sequences only, and
+    every expert's output on the ``sample`` tokens (None: none) for the output-error order."""
+
+    def __init__(self, main_seqs: int, seq_len: int, n_experts: int, sample: torch.Tensor | None = None):
         self.main_seqs = main_seqs
         self.main_tokens = main_seqs * seq_len
         self.n_experts = n_experts
+        self.sample = sample
         self.reset()
 
     def reset(self) -> None:
@@ -92,6 +115,21 @@ class MetricsObserver(LayerObserver):
         self.count = 0
         self.last_in: list[torch.Tensor] = []
         self.last_out: list[torch.Tensor] = []
+        self.x_sample: torch.Tensor | None = None
+        self.outs: torch.Tensor | None = None  # [N, E, H]
+
+    def needs_every_expert(self, layer):
+        return self.sample is not None
+
+    def moe_input(self, layer, x):
+        if self.sample is not None:
+            self.x_sample = x[self.sample].float()
+            self.outs = torch.empty(len(self.sample), self.n_experts, x.shape[1])
+
+    def expert_weights(self, layer, expert, gate, up, down):
+        if self.outs is not None:
+            fused = torch.cat([gate, up]).float()[None]
+            self.outs[:, expert] = expert_outputs(self.x_sample, fused, down.float()[None])[:, 0]
 
     def expert_output(self, layer, expert, tokens, weight, out):
         main = tokens < self.main_tokens
@@ -142,6 +180,15 @@ def _router_weight_stats(ck: Checkpoint, layer: int, weight_norms: bool) -> dict
     return out
 
 
+def _routing(ck: Checkpoint, layer: int) -> Routing:
+    prefix = f"model.layers.{layer}.mlp.gate."
+    weight = ck.read(prefix + "weight").float()
+    bias = ck.read(prefix + "e_score_correction_bias").float() if prefix + "e_score_correction_bias" in ck.tensors else torch.zeros(weight.shape[0])
+    c = ck.config
+    return Routing(weight, bias, int(c["num_experts_per_tok"]), bool(c.get("norm_topk_prob", True)),
+                   float(c.get("routed_scaling_factor", 1.0)), int(c.get("n_group") or 1), int(c.get("topk_group") or 1))
+
+
 def _run_key(fp: SourceFingerprint, calib: CalibrationSet, opts: AnalyzeOptions) -> dict:
     """What must match for --resume to continue a previous run."""
     return {
@@ -151,6 +198,7 @@ def _run_key(fp: SourceFingerprint, calib: CalibrationSet, opts: AnalyzeOptions)
         "nll": opts.nll,
         "nll_samples": opts.nll_samples if opts.nll else 0,
         "weight_norms": opts.weight_norms,
+        "output_error_tokens": opts.output_error_tokens,
     }
 
 
@@ -170,6 +218,9 @@ def analyze(
     ns = min(opts.nll_samples, n_main) if opts.nll else 0
     if opts.nll and ns < 1:
         raise UsageError("--nll-samples must be >= 1")
+    if opts.output_error_tokens < 0:
+        raise UsageError("--output-error-tokens must be >= 0")
+    sample = output_error_sample(n_main * seq_len, opts.output_error_tokens, calib.info.seed) if opts.output_error_tokens and n_exp else None
 
     runner = LayerwiseRunner(ck, memory_budget=opts.memory_budget, spill_dir=work / "tmp")
     spilled = runner.stores.spills(n_main * seq_len * runner.hidden * 4, 4)
@@ -194,7 +245,7 @@ def analyze(
     work.mkdir(parents=True, exist_ok=True)
     if h is None:
         h = runner.embed(ids)
-    obs = MetricsObserver(n_main, seq_len, n_exp)
+    obs = MetricsObserver(n_main, seq_len, n_exp, sample)
 
     bar = tqdm(total=n_layers, initial=start, desc="analyze", unit="layer", disable=not opts.progress, dynamic_ncols=True)
     for layer in range(start, n_layers):
@@ -218,6 +269,9 @@ def analyze(
             es = obs.experts.stats()
             for k, v in _router_weight_stats(ck, layer, opts.weight_norms).items():
                 setattr(es, k, v)
+            if sample is not None:
+                es.output_error_order = elimination_order(obs.x_sample, _routing(ck, layer), obs.outs)
+                obs.x_sample = obs.outs = None  # free the [N, E, H] outputs before the next layer
             stats.experts = es
         layers.append(stats)
         h_out.save(work / f"h-{layer}.npy")
@@ -248,6 +302,7 @@ def analyze(
         layers=layers,
         angular_distance=angular_distances(torch.stack(last)),
         baseline_nll=baseline,
+        output_error_tokens=len(sample) if sample is not None else None,
     )
     # work_dir is left in place: the caller deletes it only once the result is stored, so a
     # kill between here and that point can still --resume.

@@ -72,6 +72,10 @@ class ExpertStats(BaseModel):
     router_norm: list[float] | None = None
     correction_bias: list[float] | None = None
     weight_norm: list[float] | None = None
+    # Greedy backward elimination on the block's routed output with re-routing
+    # (selection/output_error.py): expert ids, first = removed first; keep the last n.
+    # None in files from before it existed or from ``analyze --no-output-error``.
+    output_error_order: list[int] | None = None
 
 
 class LayerStats(BaseModel):
@@ -93,6 +97,12 @@ class Analysis(BaseModel):
     # averaged over samples, for l = 0..L-n (h_0 = embeddings, h_L = last layer's output).
     angular_distance: dict[str, list[float]] = Field(default_factory=dict)
     baseline_nll: float | None = None
+    output_error_tokens: int | None = None  # calibration tokens the output-error orders were computed on
+
+    def has_output_error(self) -> bool:
+        """Whether every MoE layer has an output-error elimination order."""
+        moe = [s for s in self.layers if s.experts is not None]
+        return bool(moe) and all(s.experts.output_error_order is not None for s in moe)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.model_dump_json(indent=1))

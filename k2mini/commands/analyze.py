@@ -35,6 +35,13 @@ def _parse_size(text: str) -> int:
               help="Also score each layer by the calibration NLL increase when it is skipped (SLEB-style; "
                    "extra compute, no extra weight reads).")
 @click.option("--nll-samples", default=4, show_default=True, type=int, help="Sequences used for the --nll score.")
+@click.option("--output-error/--no-output-error", default=True, show_default=True,
+              help="Also order each MoE layer's experts by greedy output-error elimination (the default expert "
+                   "strategy of convert --analysis). Reads every expert of each MoE layer and holds every expert's "
+                   "output on the sampled tokens for one layer: tokens x experts x hidden x 4 bytes (Kimi-K2: "
+                   "512 x 384 x 7168 x 4 B = 5.6 GB).")
+@click.option("--output-error-tokens", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Calibration tokens (a seeded random sample when there are more) for --output-error.")
 @click.option("--weight-norms", is_flag=True, help="Also record every expert's weight norm (reads every expert once).")
 @click.option("--memory-budget", default="4G", show_default=True,
               help="RAM for carried activations; beyond it they are kept on disk in the work directory.")
@@ -45,19 +52,21 @@ def _parse_size(text: str) -> int:
               help="Write OUTPUT-stem.layers.png and .experts.png next to the output.")
 @click.option("--json", "as_json", is_flag=True, help="Print analysis.json to stdout instead of the summary.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def analyze_cmd(source, output, calib, samples, seq_len, seed, nll, nll_samples, weight_norms, memory_budget,
-                work_dir, resume, plots, as_json, quiet) -> None:
+def analyze_cmd(source, output, calib, samples, seq_len, seed, nll, nll_samples, output_error, output_error_tokens, weight_norms,
+                memory_budget, work_dir, resume, plots, as_json, quiet) -> None:
     """Run calibration text through SOURCE one decoder layer at a time and score every
     layer and routed expert; writes analysis.json for `convert --analysis`.
 
     Only one layer's weights are in memory at a time; in MoE layers only the experts that
-    received tokens are read. One analysis serves any pruning ratio.
+    received tokens are read (every expert with --output-error, the default). One analysis
+    serves any pruning ratio.
 
     \b
     Examples:
       k2mini analyze -s ./Kimi-K2-Instruct -o k2.analysis.json --samples 64 --seq-len 1024
       k2mini analyze -s ./tiny-k2 --calib prose=builtin:prose --calib mine=data.jsonl --nll
       k2mini analyze -s ./Kimi-K2-Instruct -o k2.analysis.json --resume
+      k2mini analyze -s ./Kimi-K2-Instruct -o k2.analysis.json --output-error-tokens 256   # 2.8 GB per layer
     """
     from k2mini.analysis.analyze import AnalyzeOptions, analyze
     from k2mini.analysis.calibration import build_calibration
@@ -73,7 +82,8 @@ def analyze_cmd(source, output, calib, samples, seq_len, seed, nll, nll_samples,
     if int(ck.config.get("num_hidden_layers") or 0) < 1:
         raise UsageError(f"{source}/config.json: num_hidden_layers must be >= 1")
     calib_set = build_calibration(load_tokenizer(ck), list(calib) or None, samples=samples, seq_len=seq_len, seed=seed)
-    opts = AnalyzeOptions(nll=nll, nll_samples=nll_samples, weight_norms=weight_norms, memory_budget=budget, progress=not quiet)
+    opts = AnalyzeOptions(nll=nll, nll_samples=nll_samples, weight_norms=weight_norms, memory_budget=budget, progress=not quiet,
+                          output_error_tokens=output_error_tokens if output_error else 0)
     work = work_dir or output.with_name(output.name + ".work")
     for path, flag in ((output, "--output"), (work, "--work-dir")):
         refuse_output_inside(source, path, flag=flag)  # robustness: never write into the source

@@ -139,6 +139,17 @@ class LayerObserver:
     def layer_batch(self, layer: int, s0: int, s1: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
         """Layer input and output for sequences ``s0:s1``."""
 
+    def needs_every_expert(self, layer: int) -> bool:
+        """Whether the runner must read every routed expert of ``layer``, also those no
+        token picked (each is then shown to ``expert_weights``)."""
+        return False
+
+    def moe_input(self, layer: int, x: torch.Tensor) -> None:
+        """The MoE block's input ``[T, H]`` (every token, flat), before routing."""
+
+    def expert_weights(self, layer: int, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        """An expert's ``gate_proj`` / ``up_proj`` ``[I, H]`` and ``down_proj`` ``[H, I]`` while resident."""
+
 
 # -- reading weights --------------------------------------------------------------------
 
@@ -364,12 +375,15 @@ class LayerwiseRunner:
         return h_out
 
     def _moe_routed(self, layer: int, xn: ActivationStore, obs: LayerObserver) -> ActivationStore:
-        """Sum over routed experts of g_j(x) f_j(x), reading only experts with tokens."""
+        """Sum over routed experts of g_j(x) f_j(x), reading only experts with tokens (every
+        expert when the observer needs them all)."""
         prefix = f"model.layers.{layer}.mlp."
         gate_w = self.ck.read(prefix + "gate.weight").float()
+        gate_rows = gate_w.shape[0]
         bias_name = prefix + "gate.e_score_correction_bias"
         bias = self.ck.read(bias_name).float() if bias_name in self.ck.tensors else None
         x_flat = xn.flat()
+        obs.moe_input(layer, x_flat)
         idx_parts, w_parts = [], []
         for t0 in range(0, x_flat.shape[0], _EXPERT_CHUNK):
             i, w = route(x_flat[t0 : t0 + _EXPERT_CHUNK].to(self.dtype), gate_w, bias, self.cfg)
@@ -381,7 +395,7 @@ class LayerwiseRunner:
 
         out = self.stores.make(*xn.shape, name=f"r{layer}")
         flat_out = out.flat()
-        hit = torch.unique(idx).tolist()
+        hit = list(range(gate_rows)) if obs.needs_every_expert(layer) else torch.unique(idx).tolist()
         self.experts_read[layer] = hit
         for e in hit:
             # Same token order as transformers' DeepseekV3Experts: by top-k slot, then token.
@@ -390,6 +404,7 @@ class LayerwiseRunner:
             wg = self.ck.read(ep + "gate_proj.weight").to(self.dtype)
             wu = self.ck.read(ep + "up_proj.weight").to(self.dtype)
             wd = self.ck.read(ep + "down_proj.weight").to(self.dtype)
+            obs.expert_weights(layer, e, wg, wu, wd)
             for c0 in range(0, tok.numel(), _EXPERT_CHUNK):
                 t = tok[c0 : c0 + _EXPERT_CHUNK]
                 g = weight[t, kpos[c0 : c0 + _EXPERT_CHUNK]]

@@ -17,6 +17,7 @@ from k2mini.analysis.schema import ExpertStats
 from k2mini.checkpoint.names import scale_name
 from k2mini.errors import UsageError
 from k2mini.selection.context import SelectionContext
+from k2mini.selection.output_error import scores_from_order
 
 ExpertScorer = Callable[[SelectionContext, int], list[float]]
 EXPERT_SCORERS: dict[str, ExpertScorer] = {}
@@ -55,6 +56,27 @@ def _metric(name: str) -> ExpertScorer:
 
 for _name in ("frequency", "reap", "ean"):
     expert_scorer(_name)(_metric(_name))
+
+
+OUTPUT_ERROR = "output-error"
+
+
+@expert_scorer(OUTPUT_ERROR)
+def output_error(ctx: SelectionContext, layer: int) -> list[float]:
+    """Keep the experts the analysis' greedy output-error elimination removed last.
+
+    The order was computed on calibration tokens by removing, one at a time, the expert
+    whose removal (tokens re-routed among the rest) changed the block's output least
+    (selection/output_error.py), so its last n experts are the greedy choice for any n.
+    """
+    order = _stats(ctx, layer, OUTPUT_ERROR).output_error_order
+    if order is None:
+        raise UsageError(f"--analysis {ctx.analysis_path}: layer {layer} has no output-error order (written by an older "
+                         "k2mini or by analyze --no-output-error); re-run analyze or pick another --expert-strategy")
+    if sorted(order) != list(range(ctx.spec.n_routed_experts)):
+        raise UsageError(f"--analysis {ctx.analysis_path}: layer {layer}'s output-error order is not a permutation of "
+                         f"the source's {ctx.spec.n_routed_experts} experts")
+    return scores_from_order(order)
 
 
 def rank_positions(values: list[float]) -> list[float]:
