@@ -84,37 +84,15 @@ def test_fp8_output_loads_and_keeps_bytes(request, tmp_path, fx_name):
     experts = 8 if fx_name == "aligned_grouped" else 2
     s = convert("convert-fast", fx.path, out, "--experts", experts, "--dtype", "fp8")
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["quantization_config"] == fx.config["quantization_config"]
+    qc = dict(cfg["quantization_config"])
+    # kv_b_proj is [256, 64] here (kv_lora_rank 64): not whole 128x128 blocks, so stored BF16 (test_convert_fp8_load.py)
+    assert qc.pop("modules_to_not_convert") == qc.pop("ignored_layers") == [
+        f"model.layers.{i}.self_attn.kv_b_proj" for i in range(cfg["num_hidden_layers"])] + ["lm_head"]
+    assert qc == fx.config["quantization_config"]
     if fx_name == "aligned_grouped":
         assert s["group_policy"] == "per-group" and (cfg["n_group"], cfg["topk_group"]) == (4, 2)
     model = load(out, dtype=torch.bfloat16)  # transformers dequantizes FP8 on CPU
     assert torch.isfinite(model(IDS).logits.float()).all()
-
-
-def test_fp8_passthrough_bytes_untouched(tiny_fixture, tmp_path):
-    """Edge-block shapes (transformers' FP8 loader rejects them: DESIGN §3): check the bytes instead."""
-    out = tmp_path / "out"
-    convert("convert", tiny_fixture.path, out, "--keep-layers", "0,2,3", "--keep-experts", "1,4,6", "--dtype", "fp8")
-    ck = Checkpoint.open(tiny_fixture.path)
-    idx = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
-    src_layer = {0: 0, 1: 2, 2: 3}
-    src_expert = {0: 1, 1: 4, 2: 6}
-    n_fp8 = 0
-    for name, f in idx.items():
-        with safe_open(out / f, "pt") as so:
-            got = so.get_tensor(name)
-        parts = name.split(".")
-        if name.startswith("model.layers."):
-            parts[2] = str(src_layer[int(parts[2])])
-            if parts[4] == "experts":
-                parts[5] = str(src_expert[int(parts[5])])
-        src = ".".join(parts)
-        want = ck.read_raw(src)
-        if name.endswith("mlp.gate.weight") or name.endswith("e_score_correction_bias"):
-            want = want[[1, 4, 6]]
-        assert got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name
-        n_fp8 += got.dtype == torch.float8_e4m3fn
-    assert n_fp8 > 0
 
 
 # --- exactness ------------------------------------------------------------------------

@@ -128,7 +128,7 @@ def outputs(tiny_fixture, aligned_fixture, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("vmem")
     bf16 = reduce_by_hand(tiny_fixture.path, root / "bf16", layers=[0, 2, 3], experts=[1, 2, 5, 6])
-    fp8 = reduce_by_hand(aligned_fixture.path, root / "fp8", experts=[0, 1, 2, 3], dtype="fp8")
+    fp8 = reduce_by_hand(aligned_fixture.path, root / "fp8", experts=[0, 1, 2, 3], dtype="fp8", partial_bf16=True)
     quantize_checkpoint(bf16, root / "int4", QuantOptions(4, 32), progress=False)
     return {"bf16": bf16, "fp8": fp8, "int4": root / "int4"}
 

@@ -142,7 +142,8 @@ def test_missing_shared_expert_fails_the_load(tiny_fixture, root):
 
 def test_fp8_output_passes_close_to_source(aligned_fixture, root):
     """(INT4/INT8 runs are in test_validate_convert.py, on quantized convert outputs.)"""
-    fp8 = reduce_by_hand(aligned_fixture.path, root / "fp8", dtype="fp8", layers=[0, 2], experts=[0, 1, 4, 5])
+    fp8 = reduce_by_hand(aligned_fixture.path, root / "fp8", dtype="fp8", layers=[0, 2], experts=[0, 1, 4, 5],
+                         partial_bf16=True)
     rep = run(fp8, skip=(), reference=str(aligned_fixture.path))
     assert rep.passed, rep.summary()
     # transformers dequantizes FP8 to BF16 on CPU: close to the source, not equal

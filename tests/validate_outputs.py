@@ -26,9 +26,20 @@ def reduce_by_hand(
     experts: Sequence[int] | None = None,
     dtype: str = "bf16",
     mutate: Callable[[dict[str, torch.Tensor], dict], None] | None = None,
+    partial_bf16: bool = False,
 ) -> Path:
+    """``partial_bf16`` (fp8): store BF16 and list in modules_to_not_convert every FP8 weight that is
+    not whole 128x128 blocks, with its q_a_proj / kv_a_proj_with_mqa partner and lm_head, the layout
+    transformers and vLLM load; without it, every FP8 weight is passed through as stored."""
     ck = Checkpoint.open(src)
     cfg = copy.deepcopy(ck.config)
+    skipped: dict[str, None] = {}
+
+    def partial(name: str) -> bool:
+        partner = {"q_a_proj": "kv_a_proj_with_mqa", "kv_a_proj_with_mqa": "q_a_proj"}
+        prefix, proj, _ = name.rsplit(".", 2)
+        names = [name] + ([f"{prefix}.{partner[proj]}.weight"] if proj in partner else [])
+        return any(n in ck.tensors and any(d % 128 for d in ck.tensors[n].shape) for n in names)
     layers = list(range(cfg["num_hidden_layers"])) if layers is None else list(layers)
     experts = list(range(cfg["n_routed_experts"])) if experts is None else list(experts)
     first_dense = cfg.get("first_k_dense_replace", 0)
@@ -36,11 +47,15 @@ def reduce_by_hand(
 
     def take(name: str, new: str) -> None:
         info = ck.tensors[name]
+        bf16 = dtype != "fp8" or (partial_bf16 and ck.is_fp8(info.parsed.weight_name) and partial(info.parsed.weight_name))
         if info.parsed.is_scale:
-            if dtype == "fp8":
+            if not bf16:
                 tensors[new] = ck.read_raw(name)
             return
-        tensors[new] = ck.read_raw(name) if dtype == "fp8" else ck.read(name)
+        if dtype == "fp8" and bf16:
+            module = new.removesuffix(".weight")
+            skipped[module.rsplit(".", 2)[0] if ".experts." in module else module] = None
+        tensors[new] = ck.read(name) if bf16 else ck.read_raw(name)
 
     for name, info in ck.tensors.items():
         pn = info.parsed
@@ -70,6 +85,8 @@ def reduce_by_hand(
     cfg["num_experts_per_tok"] = min(cfg["num_experts_per_tok"], len(experts))
     if dtype == "bf16":
         cfg.pop("quantization_config", None)
+    if skipped:
+        cfg["quantization_config"]["modules_to_not_convert"] = [*skipped, "lm_head"]
     if mutate is not None:
         mutate(tensors, cfg)
     out.mkdir(parents=True)

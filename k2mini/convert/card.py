@@ -32,6 +32,16 @@ correction biases are the kept expert's own.
 """
 
 
+def _fp8_line(quant: dict[str, Any]) -> str:
+    line = "FP8 e4m3 block-scaled weights copied bit for bit from the source (`quantization_config` kept)"
+    skip = quant.get("modules_to_not_convert") or []
+    if skip:
+        line += (f", except {len(skip)} modules stored BF16 (dequantized; listed in `modules_to_not_convert`): their "
+                 "shapes are not whole 128x128 blocks, which transformers' FP8 loader cannot read, or they share a "
+                 "fused GEMM with such a module in vLLM")
+    return line
+
+
 def _int_line(q: dict[str, Any]) -> str:
     """Weights written by `k2mini quantize` or `convert --dtype int4|int8` (the k2mini.quantize block)."""
     if q["format"] == "bnb":
@@ -58,8 +68,7 @@ def model_card(cfg: dict[str, Any], plan: Plan, *, params: int, total_size: int,
     notes = "\n".join(f"- {n}" for n in plan.notes) or "- none"
     merge = _merge_section(plan)
     quant = cfg.get("quantization_config")
-    dtype_line = ("FP8 e4m3 block-scaled weights copied bit for bit from the source (`quantization_config` kept)"
-                  if k["dtype"] == "fp8" else
+    dtype_line = (_fp8_line(quant or {}) if k["dtype"] == "fp8" else
                   f"`{k['dtype']}` weights" + ("" if quant is None else f" (`quantization_config`: {quant.get('quant_method', quant.get('format', '?'))})"))
     if k.get("quantize"):
         dtype_line = _int_line(k["quantize"])

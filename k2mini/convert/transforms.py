@@ -15,7 +15,8 @@ when the writer asks, and rewrites the config for the weights it emits::
     register_transform("int4", lambda **opts: MyTransform(**opts))
 
 Built in: ``bf16`` (FP8 projections dequantized block by block, everything else as
-stored) and ``fp8`` (FP8 bytes and scale grids copied untouched, quantization_config kept).
+stored) and ``fp8`` (FP8 bytes and scale grids copied untouched, quantization_config kept;
+projections transformers cannot load as FP8 written BF16 and listed as not converted).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from k2mini.checkpoint.names import scale_name
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.checkpoint.safetensors_format import DTYPES, PlannedTensor
 from k2mini.errors import UsageError
+from k2mini.model.fp8_layout import hf_module, is_skipped, modules_to_not_convert
+from k2mini.model.spec import ModelSpec
 from k2mini.selection import merge as merging
 
 
@@ -125,9 +128,20 @@ class Bf16Transform(Transform):
 
 
 class Fp8Transform(Transform):
-    """FP8 pass-through: weight bytes and scale grids copied untouched (lossless, ~half of BF16)."""
+    """FP8 pass-through: weight bytes and scale grids copied untouched (lossless, ~half of BF16).
+
+    Except the projections transformers cannot load as FP8 (shapes that are not whole
+    128x128 blocks, e.g. K2's kv_a_proj_with_mqa [576, 7168], and their fused partner):
+    those are written dequantized to BF16 and listed in ``modules_to_not_convert``. The
+    rule and why: k2mini.model.fp8_layout.
+    """
 
     name = "fp8"
+
+    def _stays_bf16(self, ck: Checkpoint, job: TensorJob) -> bool:
+        if not ck.is_fp8(job.source):
+            return False
+        return is_skipped(hf_module(job.source), modules_to_not_convert(ModelSpec.from_config(ck.config)))
 
     def check_source(self, ck):
         qc = ck.config.get("quantization_config") or {}
@@ -136,14 +150,16 @@ class Fp8Transform(Transform):
 
     def plan(self, ck, job):
         t = ck.info(job.source)
-        if t.dtype != "F8_E4M3":
-            return (PlannedTensor(job.output, t.dtype, out_shape(ck, job)),)
+        if t.dtype != "F8_E4M3" or self._stays_bf16(ck, job):
+            return _BF16.plan(ck, job)
         s = ck.scale_of(job.source)
         if s is None:
             raise UsageError(f"--dtype fp8: FP8 weight {job.source} has no scale grid in {ck.description}")
         return (PlannedTensor(job.output, "F8_E4M3", t.shape), PlannedTensor(scale_name(job.output), "F32", s.shape))
 
     def produce(self, ck, job):
+        if self._stays_bf16(ck, job):
+            return _BF16.produce(ck, job)
         if job.merge:
             # A merged expert has no source bytes to copy: block-quantize the float32 sum on
             # the source's 128x128 grid, so the output stays one uniform FP8 checkpoint.
@@ -155,10 +171,23 @@ class Fp8Transform(Transform):
         return (read_selected(ck, job),)
 
     def update_config(self, cfg):
-        # The source's block-FP8 quantization_config describes these bytes exactly.
+        # The source's block-FP8 quantization_config describes these bytes exactly, plus the
+        # list of modules stored BF16. Also under ignored_layers: the name vLLM's Fp8Config reads
+        # (transformers reads modules_to_not_convert and ignores the alias when both are set).
         cfg["torch_dtype"] = "bfloat16"
+        qc = dict(cfg["quantization_config"])
+        qc.pop("modules_to_not_convert", None)
+        qc.pop("ignored_layers", None)
+        spec = ModelSpec.from_config({k: v for k, v in cfg.items() if k != "quantization_config"})
+        skip = list(modules_to_not_convert(spec))
+        if skip:
+            qc["modules_to_not_convert"] = skip
+            qc["ignored_layers"] = skip
+        cfg["quantization_config"] = qc
         return cfg
 
+
+_BF16 = Bf16Transform()
 
 TRANSFORMS: dict[str, Callable[..., Transform]] = {"bf16": Bf16Transform, "fp8": Fp8Transform}
 

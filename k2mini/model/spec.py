@@ -16,6 +16,7 @@ from typing import Any
 from k2mini.checkpoint.fp8 import scale_grid_shape
 from k2mini.checkpoint.names import Role, parse_name, scale_name
 from k2mini.errors import CheckpointError
+from k2mini.model.fp8_layout import hf_module, is_skipped
 
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1}
 
@@ -135,6 +136,8 @@ class ModelSpec:
     has_correction_bias: bool
     fp8: bool  # projection weights stored as FP8 with block scales
     num_nextn_predict_layers: int = 0
+    # fp8: quantization_config.modules_to_not_convert (transformers module patterns stored BF16)
+    fp8_skip: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> ModelSpec:
@@ -150,6 +153,11 @@ class ModelSpec:
         fp8 = qc.get("quant_method") == "fp8"
         if fp8 and list(qc.get("weight_block_size", [128, 128])) != [128, 128]:
             raise CheckpointError(f"config.json: weight_block_size {qc.get('weight_block_size')} is not supported (only [128, 128])")
+        # transformers' FineGrainedFP8Config reads ignored_layers as an alias when the list is absent.
+        skip = qc.get("modules_to_not_convert") if qc.get("modules_to_not_convert") is not None else qc.get("ignored_layers")
+        if fp8 and skip is not None and (not isinstance(skip, list) or not all(isinstance(p, str) for p in skip)):
+            raise CheckpointError(
+                f"config.json: quantization_config.modules_to_not_convert={reprlib.repr(skip)} is not a list of names")
         return cls(
             hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"],
@@ -173,6 +181,7 @@ class ModelSpec:
             has_correction_bias=cfg.get("topk_method", "noaux_tc") == "noaux_tc",
             fp8=fp8,
             num_nextn_predict_layers=int(cfg.get("num_nextn_predict_layers", 0) or 0),
+            fp8_skip=tuple(skip or ()) if fp8 else (),
         )
 
     def is_moe(self, layer: int) -> bool:
@@ -187,7 +196,7 @@ class ModelSpec:
         return [i for i in range(self.num_hidden_layers) if not self.is_moe(i)]
 
     def _linear(self, name: str, out_f: int, in_f: int) -> Iterator[ExpectedTensor]:
-        if self.fp8:
+        if self.fp8 and not (self.fp8_skip and is_skipped(hf_module(name), self.fp8_skip)):
             yield ExpectedTensor(name, (out_f, in_f), "F8_E4M3")
             yield ExpectedTensor(scale_name(name), scale_grid_shape((out_f, in_f)), "F32")
         else:

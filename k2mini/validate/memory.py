@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from k2mini.checkpoint.reader import Checkpoint
+from k2mini.model.fp8_layout import modules_to_not_convert
 from k2mini.model.spec import ModelSpec, is_projection
 from k2mini.validate.gpus import GpuProfile
 from k2mini.validate.report import KVCache, MemoryPlan
@@ -67,11 +68,13 @@ def weights_from_config(cfg: dict[str, Any], dtype: str = "bf16", group_size: in
     router, embeddings, lm_head and norms stay BF16.
     """
     base = {k: v for k, v in cfg.items() if k != "quantization_config"}
-    if dtype == "fp8":
-        base["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                       "weight_block_size": [128, 128]}
-        return ModelSpec.from_config(base).bytes_by_dtype()
     spec = ModelSpec.from_config(base)
+    if dtype == "fp8":
+        # As convert --dtype fp8 writes it: modules transformers cannot load as FP8 stay BF16.
+        base["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                       "weight_block_size": [128, 128],
+                                       "modules_to_not_convert": list(modules_to_not_convert(spec))}
+        return ModelSpec.from_config(base).bytes_by_dtype()
     if dtype == "bf16":
         return spec.bytes_by_dtype()
     bits = {"int4": 4, "int8": 8}[dtype]

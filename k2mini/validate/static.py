@@ -21,6 +21,7 @@ import torch
 from k2mini.checkpoint.names import Role
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.errors import CheckpointError
+from k2mini.model.fp8_layout import fills_blocks
 from k2mini.model.spec import ExpectedTensor, ModelSpec, is_projection
 from k2mini.validate.report import Finding, StaticReport
 
@@ -41,7 +42,6 @@ class Format:
     bits: int | None = None
     group_size: int | None = None
     ignore: tuple[str, ...] = ()
-    not_converted: tuple[str, ...] = ()  # fp8: modules_to_not_convert / ignored_layers
 
     def describe(self) -> str:
         if self.kind == "compressed-tensors":
@@ -98,8 +98,7 @@ def detect_format(cfg: dict[str, Any], fs: _Findings) -> Format:
         if list(qc.get("weight_block_size") or []) != [128, 128]:
             fs.add("config.fp8", "error", f"fp8 weight_block_size={qc.get('weight_block_size')!r}: K2/DeepSeek "
                    "weight_scale_inv grids are [128, 128] blocks", breaks=ALL)
-        skip = tuple(qc.get("modules_to_not_convert") or ()) + tuple(qc.get("ignored_layers") or ())
-        return Format("fp8", 8, not_converted=skip)
+        return Format("fp8", 8)  # modules_to_not_convert: read by ModelSpec
     if method == "compressed-tensors":
         groups = qc.get("config_groups") or {}
         if len(groups) != 1:
@@ -222,12 +221,8 @@ def expected_tensors(cfg: dict[str, Any], fmt: Format) -> dict[str, ExpectedTens
         base_cfg.pop("quantization_config", None)
     spec = ModelSpec.from_config(base_cfg)
     out: dict[str, ExpectedTensor] = {}
+    # fp8: the spec already expects BF16 (no scale) for modules_to_not_convert, matched as transformers does.
     for t in spec.tensors():
-        if fmt.kind == "fp8" and t.dtype == "F8_E4M3" and _matches_any(_module(t.name), fmt.not_converted):
-            out[t.name] = ExpectedTensor(t.name, t.shape, "BF16")
-            continue
-        if fmt.kind == "fp8" and t.name.endswith("_scale_inv") and _matches_any(_module(t.name), fmt.not_converted):
-            continue
         if fmt.kind == "compressed-tensors" and is_projection(t.name) and not _matches_any(_module(t.name), fmt.ignore):
             rows, cols = t.shape
             width = cols if fmt.group_size is None else fmt.group_size
@@ -271,15 +266,20 @@ def check_tensors(ck: Checkpoint, fmt: Format, fs: _Findings) -> None:
             fs.add("tensor.router_size", "error", f"{name} has {t.shape[0]} rows but config n_routed_experts="
                    f"{n_exp}: router and correction bias must have one entry per expert", tensor=name, breaks=ALL)
             continue
-        if t.dtype == "F8_E4M3" and len(t.shape) == 2 and (t.shape[0] % 128 or t.shape[1] % 128):
-            fs.add("tensor.fp8_edge_block", "warning", f"FP8 weight {name} {list(t.shape)} ends in a partial 128x128 "
-                   "block: transformers' FP8 loader infers the block size as shape // scale grid and refuses or "
-                   "misreads it (vLLM and SGLang handle edge blocks)", tensor=name, breaks=["transformers"])
+        if t.dtype == "F8_E4M3" and len(t.shape) == 2 and not fills_blocks(t.shape):
+            fs.add("tensor.fp8_edge_block", "error", f"FP8 weight {name} {list(t.shape)} is not whole 128x128 blocks: "
+                   "transformers cannot load it (Fp8Dequantize._dequantize_one in integrations/finegrained_fp8.py "
+                   "infers the block as shape // scale grid: 'not divisible by scale grid', or a silent misread when "
+                   "the grid divides the shape). Store it BF16 and list its module in quantization_config."
+                   "modules_to_not_convert, as k2mini convert --dtype fp8 does", tensor=name, breaks=["transformers"])
         if t.shape != exp.shape:
             fs.add("tensor.shape", "error", f"{name} is {list(t.shape)} but the config implies {list(exp.shape)}",
                    tensor=name, breaks=ALL)
         if t.dtype != exp.dtype:
             _dtype_finding(name, t.dtype, exp.dtype, fmt, fs)
+
+    if fmt.kind == "fp8":
+        _check_fused_precision(ck, fs)
 
     for name, t in ck.tensors.items():
         if name in expected:
@@ -304,6 +304,19 @@ def check_tensors(ck: Checkpoint, fmt: Format, fs: _Findings) -> None:
         else:
             fs.add("tensor.unexpected", "error", f"{name} is not implied by the config (a loader would reject or "
                    "ignore it)", tensor=name, breaks=["vLLM"])
+
+
+def _check_fused_precision(ck: Checkpoint, fs: _Findings) -> None:
+    # vLLM loads q_a_proj + kv_a_proj_with_mqa as one fused GEMM and refuses a mix of FP8 and
+    # unquantized shards (is_layer_skipped: "Detected some but not all shards ... are quantized").
+    for name, t in ck.tensors.items():
+        if not name.endswith(".self_attn.kv_a_proj_with_mqa.weight"):
+            continue
+        partner = ck.tensors.get(name.replace(".kv_a_proj_with_mqa.", ".q_a_proj."))
+        if partner is not None and (partner.dtype == "F8_E4M3") != (t.dtype == "F8_E4M3"):
+            fs.add("tensor.fp8_fused_mixed", "error", f"{name} is {t.dtype} but {partner.name} is {partner.dtype}: "
+                   "vLLM fuses them into one GEMM (fused_qkv_a_proj) and refuses shards of different precision; "
+                   "store both BF16 and list both in modules_to_not_convert", tensor=name, breaks=["vLLM"])
 
 
 def _role(name: str) -> Role:
