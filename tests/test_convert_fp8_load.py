@@ -181,7 +181,7 @@ def test_dry_run_and_memory_plan_count_bf16_modules(k2like, tmp_path):
     assert dry["bytes_by_dtype"] == by_tag
     cfg = json.loads((out / "config.json").read_text())
     assert weights_from_config(cfg, "fp8") == by_tag  # the memory plan predicts the same split from the config
-    assert "except 7 modules stored BF16" in (out / "README.md").read_text()  # 3 layers x 2 + lm_head
+    assert "except 6 modules stored BF16" in (out / "README.md").read_text()  # 3 layers x (q_a, kv_a)
 
 
 # --- exactness -----------------------------------------------------------------------

@@ -34,7 +34,7 @@ correction biases are the kept expert's own.
 
 def _fp8_line(quant: dict[str, Any]) -> str:
     line = "FP8 e4m3 block-scaled weights copied bit for bit from the source (`quantization_config` kept)"
-    skip = quant.get("modules_to_not_convert") or []
+    skip = [m for m in quant.get("modules_to_not_convert") or [] if m != "lm_head"]  # lm_head is BF16 in K2 too
     if skip:
         line += (f", except {len(skip)} modules stored BF16 (dequantized; listed in `modules_to_not_convert`): their "
                  "shapes are not whole 128x128 blocks, which transformers' FP8 loader cannot read, or they share a "
