@@ -40,11 +40,13 @@ def check_scale_grid(name: str, weight_shape: tuple[int, ...], scale_shape: tupl
         )
 
 
-def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Block-dequantize an FP8 e4m3 weight with its fp32 scale grid to BF16.
 
     Bit-exact to ``bf16(W.float() * scale_inv[i, j])`` with round-to-nearest-even; FP8 NaN
-    bytes (0x7F, 0xFF) come out as NaN.
+    bytes (0x7F, 0xFF) come out as NaN. ``out``: a contiguous BF16 CPU tensor of the
+    weight's shape to write into (a reused buffer), else a new one.
     """
     if weight.dtype != torch.float8_e4m3fn:
         raise CheckpointError(f"expected a float8_e4m3fn weight, got {weight.dtype}")
@@ -55,7 +57,10 @@ def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK
     scale = scale_inv.to(torch.float32)
     # Per band of 128 rows, the scale expanded along columns: [n_row_blocks, cols], small.
     col_scale = scale.index_select(1, torch.arange(cols) // block).contiguous()
-    out = torch.empty((rows, cols), dtype=torch.bfloat16)
+    if out is None:
+        out = torch.empty((rows, cols), dtype=torch.bfloat16)
+    elif out.dtype != torch.bfloat16 or tuple(out.shape) != (rows, cols) or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(f"dequantize: out must be a contiguous CPU bfloat16 tensor of shape {[rows, cols]}")
     if weight.numel():
         _dequant_kernel(weight.contiguous().view(torch.int8).numpy(), col_scale.numpy(), block, out.view(torch.int16).numpy())
     return out

@@ -182,10 +182,13 @@ class Checkpoint:
 
     # -- reads -----------------------------------------------------------------------
 
-    def read_raw(self, name: str) -> torch.Tensor:
-        """The tensor exactly as stored (FP8 stays FP8)."""
+    def read_raw(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor exactly as stored (FP8 stays FP8); into ``out`` (its dtype and shape, contiguous) when given."""
         t = self.info(name)
-        out = torch.empty(t.shape, dtype=DTYPES[t.dtype][0])
+        if out is None:
+            out = torch.empty(t.shape, dtype=DTYPES[t.dtype][0])
+        elif out.dtype != DTYPES[t.dtype][0] or tuple(out.shape) != t.shape or not out.is_contiguous():
+            raise ValueError(f"{name}: out is {out.dtype}{list(out.shape)}, the tensor is {t.dtype}{list(t.shape)}")
         if t.nbytes:
             self.source.read_into(t.file, t.offset, memoryview(out.view(-1).view(torch.uint8).numpy()))
         return out

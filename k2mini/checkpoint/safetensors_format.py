@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import math
 import reprlib
-import os
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
+from k2mini.checkpoint.direct_write import DirectFile
 from k2mini.errors import CheckpointError
 
 # Upper bound on the JSON header. The real K2 shards have headers well under 1 MB; the
@@ -233,10 +232,11 @@ def write_shard(
 
     Each yielded tensor must match its planned dtype and shape; the file is fsynced (unless
     the caller fsyncs it later, e.g. in the background) so a finished shard survives a crash
-    of what follows. Returns the bytes written.
+    of what follows. Bytes go through ``DirectFile`` (past the page cache where the
+    filesystem allows; identical bytes either way). Returns the bytes written.
     """
     written = 0
-    with open(path, "wb") as f:
+    with DirectFile(path) as f:
         head = encode_header(plan, metadata)
         f.write(head)
         written += len(head)
@@ -244,13 +244,11 @@ def write_shard(
             t = next(data)
             written += _write_tensor(f, planned, t)
             del t  # else it stays alive while the next tensor is produced
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
+        f.finish(fsync=fsync)
     return written
 
 
-def _write_tensor(f: BinaryIO, planned: PlannedTensor, t: torch.Tensor) -> int:
+def _write_tensor(f: DirectFile, planned: PlannedTensor, t: torch.Tensor) -> int:
     tag = TORCH_TO_TAG.get(t.dtype)
     if tag != planned.dtype or tuple(t.shape) != planned.shape:
         raise ValueError(f"{planned.name}: planned {planned.dtype}{list(planned.shape)}, got {tag}{list(t.shape)}")

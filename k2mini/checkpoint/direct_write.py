@@ -1,0 +1,137 @@
+"""Write one large file sequentially, past the page cache where the filesystem allows.
+
+    with DirectFile(path) as f:      # O_DIRECT when supported, plain buffered writes otherwise
+        f.write(memoryview_or_bytes)  # any sizes; copied into aligned chunks
+        f.finish(fsync=True)          # last chunk, exact size, and the data made durable
+
+Why not ``open(path, "wb")``: a shard written through the page cache is all dirty pages when
+the final fsync comes, and the kernel writes little of it back before (its background
+threshold is 10% of RAM), so writing and flushing alternate instead of overlapping, and
+every output byte first costs a fresh page-cache page. Measured on the build machine (a
+VM, 2 cores): 1.6 GB written from a reused buffer and fsynced ran at 87-98 MB/s buffered and
+at 1.0-1.5 GB/s with O_DIRECT; `scripts/bench_convert.py` prints both floors each run.
+
+O_DIRECT needs the buffer address, file offset and length aligned to the device's logical
+block: bytes are copied into page-aligned chunks of ``CHUNK`` bytes (4096-aligned), the last
+chunk is zero-padded and the file truncated back to its exact size. A thread writes a full
+chunk while the caller fills the next, so producing (reading, dequantizing) overlaps the
+disk. Where O_DIRECT is refused (tmpfs on old kernels, some FUSE and network filesystems,
+macOS) the same chunks go through the page cache; the bytes on disk are identical either way.
+Durability is unchanged: nothing is durable until ``finish(fsync=True)`` or the caller's
+own fsync, exactly as with a buffered file.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+ALIGN = 4096  # the largest common logical block size; any multiple of 512 up to it works
+CHUNK = 4 << 20  # 4 MiB: as fast as 8 or 16 MiB on the build machine, 12 MiB of buffers in all
+BUFFERS = 3
+
+
+def _open(path: str, flags: int) -> int:
+    if _O_DIRECT:
+        try:
+            return os.open(path, flags | _O_DIRECT, 0o666)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    return os.open(path, flags, 0o666)
+
+
+class DirectFile:
+    """A new file written front to back (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike):
+        # builtins.open (not os.open) so a fault injector that watches opens sees this one.
+        self.name = str(path)
+        self._file = open(Path(path), "wb", buffering=0, opener=_open)  # noqa: SIM115 - closed in close()
+        self.fd = self._file.fileno()
+        self.direct = bool(_O_DIRECT and fcntl.fcntl(self.fd, fcntl.F_GETFL) & _O_DIRECT)
+        self.size = 0  # bytes given to write()
+        self._offset = 0  # file offset of the chunk being filled
+        self._bufs = [mmap.mmap(-1, CHUNK) for _ in range(BUFFERS)]  # page-aligned, touched lazily
+        self._cur = 0
+        self._fill = 0
+        self._pending: deque[Future] = deque()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2mini-write")
+
+    def write(self, data) -> int:
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        pos = 0
+        while pos < n:
+            take = min(n - pos, CHUNK - self._fill)
+            self._bufs[self._cur][self._fill : self._fill + take] = mv[pos : pos + take]
+            self._fill += take
+            pos += take
+            if self._fill == CHUNK:
+                self._submit(CHUNK)
+        self.size += n
+        return n
+
+    def _submit(self, length: int) -> None:
+        buf = memoryview(self._bufs[self._cur])[:length]
+        self._pending.append(self._pool.submit(self._pwrite, buf, self._offset))
+        self._offset += length
+        self._cur = (self._cur + 1) % BUFFERS
+        self._fill = 0
+        # The next buffer is the oldest one in flight once all are: wait for it. Raises a
+        # failed write (ENOSPC, EIO) here rather than after the last chunk.
+        while self._pending and (len(self._pending) >= BUFFERS or self._pending[0].done()):
+            self._pending.popleft().result()
+
+    def _pwrite(self, buf: memoryview, offset: int) -> None:
+        done = 0
+        with buf:  # released here, so close() can unmap the buffers
+            while done < len(buf):
+                try:
+                    done += os.pwrite(self.fd, buf[done:], offset + done)
+                except OSError as exc:
+                    # A filesystem may accept O_DIRECT at open and refuse the write (a larger
+                    # logical block, or a short write left the rest unaligned): go buffered.
+                    if exc.errno != errno.EINVAL or not self.direct:
+                        # os.pwrite's error names no file; the CLI's one line should.
+                        raise OSError(exc.errno, exc.strerror, self.name) from exc
+                    fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~_O_DIRECT)
+                    self.direct = False
+
+    def finish(self, fsync: bool = True) -> None:
+        """Write what is buffered, cut the file to ``size`` bytes and optionally fsync it."""
+        if self._fill:
+            padded = -(-self._fill // ALIGN) * ALIGN
+            self._bufs[self._cur][self._fill : padded] = bytes(padded - self._fill)
+            self._submit(padded)
+        while self._pending:
+            self._pending.popleft().result()
+        if self._offset != self.size:
+            os.ftruncate(self.fd, self.size)
+        if fsync:
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        try:
+            for f in self._pending:  # after an error: let writes in flight end before closing
+                f.exception()
+        finally:
+            self._pool.shutdown(wait=True)
+            self._file.close()
+            for b in self._bufs:
+                try:
+                    b.close()
+                except BufferError:  # a traceback still holds a view of it: unmapped with that
+                    pass
+
+    def __enter__(self) -> DirectFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
