@@ -83,36 +83,40 @@ def elimination_order(x: torch.Tensor, r: Routing, outs: torch.Tensor, chunk_flo
 
     Keeping the last n of the list is the greedy selection for every n >= top_k at once.
     Each round tries every remaining expert. Removing expert c changes only the tokens that
-    currently route to c, so a round re-routes T*k (token, candidate) pairs, not T per
-    candidate: the total error of candidate c is the current error plus the change on its
-    tokens (equal, up to float summation order, to summing every token's error). Ties go
-    to the lower expert id. ``chunk_floats`` bounds the gathered expert outputs per step
+    currently route to c, so candidates are scored on (token, expert it routes to) pairs:
+    the total error of candidate c is the current error plus the change on its tokens
+    (equal, up to float summation order, to summing every token's error). A pair's
+    re-routing is kept from round to round until its token's experts change or the expert
+    it brought in is removed, so a round re-routes about T*k*k/E pairs, not T*k. Ties go to
+    the lower expert id. ``chunk_floats`` bounds the gathered expert outputs per step
     (pairs * k * H floats).
     """
     x = x.float()
     scores = torch.sigmoid(x @ r.weight.float().T)
     choice = scores + r.bias.float()
     T, E = scores.shape
-    H = outs.shape[-1]
+    k, H = r.top_k, outs.shape[-1]
     full = full_output(x, r, outs)
     kept = torch.ones(E, dtype=torch.bool)
     cur_idx, cur_w = _pick(scores, choice, kept, r)
     cur_err = (_combine(outs, torch.arange(T), cur_idx, cur_w) - full).square().sum(-1)
-    step = max(1, chunk_floats // (r.top_k * H))
+    step = max(1, chunk_floats // (k * H))
+    tok = torch.arange(T).repeat_interleave(k)  # pair t*k + s: token t without its s-th expert
+    new_idx = torch.empty(T * k, k, dtype=torch.long)
+    new_err = torch.empty(T * k)
+    stale = torch.ones(T * k, dtype=torch.bool)
     order: list[int] = []
-    while int(kept.sum()) > r.top_k:
-        # Every (token, expert it routes to now): that expert is the candidate removed.
-        tok = torch.arange(T).repeat_interleave(r.top_k)
+    while int(kept.sum()) > k:
         cand = cur_idx.reshape(-1)
-        new_idx = torch.empty(tok.numel(), r.top_k, dtype=torch.long)
-        new_err = torch.empty(tok.numel())
-        for p0 in range(0, tok.numel(), step):
-            t, c = tok[p0 : p0 + step], cand[p0 : p0 + step]
-            mask = kept.expand(t.numel(), E).clone()
-            mask[torch.arange(t.numel()), c] = False
+        todo = stale.nonzero().flatten()
+        for p0 in range(0, todo.numel(), step):
+            p = todo[p0 : p0 + step]
+            t, c = tok[p], cand[p]
+            mask = kept.expand(p.numel(), E).clone()
+            mask[torch.arange(p.numel()), c] = False
             i, w = _pick(scores[t], choice[t], mask, r)
-            new_idx[p0 : p0 + step] = i
-            new_err[p0 : p0 + step] = (_combine(outs, t, i, w) - full[t]).square().sum(-1)
+            new_idx[p] = i
+            new_err[p] = (_combine(outs, t, i, w) - full[t]).square().sum(-1)
         delta = torch.zeros(E, dtype=torch.float64).index_add_(0, cand, (new_err - cur_err[tok]).double())
         alive = kept.nonzero().flatten().tolist()
         best = min(alive, key=lambda c: (float(delta[c]), c))
@@ -121,6 +125,8 @@ def elimination_order(x: torch.Tensor, r: Routing, outs: torch.Tensor, chunk_flo
         cur_idx[t] = new_idx[moved]
         cur_err[t] = new_err[moved]
         kept[best] = False
+        stale = (new_idx == best).any(-1)
+        stale.view(T, k)[t] = True
         order.append(best)
     order += sorted(kept.nonzero().flatten().tolist())
     return order
