@@ -8,8 +8,10 @@ Why not ``open(path, "wb")``: a shard written through the page cache is all dirt
 the final fsync comes, and the kernel writes little of it back before (its background
 threshold is 10% of RAM), so writing and flushing alternate instead of overlapping, and
 every output byte first costs a fresh page-cache page. Measured on the build machine (a
-VM, 2 cores): 1.6 GB written from a reused buffer and fsynced ran at 87-98 MB/s buffered and
-at 1.0-1.5 GB/s with O_DIRECT; `scripts/bench_convert.py` prints both floors each run.
+VM, 2 cores): 1.5-3 GB written from a reused buffer and fsynced ran at 85-524 MB/s through
+the page cache and at 0.75-1.7 GB/s with O_DIRECT (load 1.7-11; `scripts/bench_convert.py`
+prints both floors each run). Starting writeback early instead (sync_file_range every 64 MB
+plus POSIX_FADV_DONTNEED behind it) reached 0.66-0.92 GB/s in the same test.
 
 O_DIRECT needs the buffer address, file offset and length aligned to the device's logical
 block: bytes are copied into page-aligned chunks of ``CHUNK`` bytes (4096-aligned), the last
