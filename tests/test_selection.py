@@ -206,3 +206,29 @@ def test_convert_with_analysis_end_to_end(tiny_fixture, tmp_path):
     stats = {s.layer: s.experts for s in a.layers}
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["k2mini"]["expert_map"] == {str(plan.layers.index(l)): top(stats[l].reap, 4) for l in plan.layers if l >= 1}
+
+
+@pytest.mark.parametrize("with_nll", [True, False])
+def test_convert_layer_default_follows_the_study(tiny_fixture, tmp_path, with_nll):
+    """With --analysis and no --layer-strategy: skip-layer NLL ranks layers when analyzed, else uniform
+    (block influence lost to both in the nano K2 study)."""
+    ck = Checkpoint.open(tiny_fixture.path)
+    a = make_analysis(ck, seed=0)
+    L = ck.config["num_hidden_layers"]
+    middle = max(range(1, L - 1), key=lambda l: a.layers[l].nll_increase)
+    assert middle != max(range(1, L - 1), key=lambda l: a.layers[l].block_influence)  # the two rankings disagree
+    if not with_nll:
+        for s in a.layers:
+            s.nll_increase = None
+    a.save(tmp_path / "analysis.json")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["convert", "-s", str(tiny_fixture.path), "--analysis", str(tmp_path / "analysis.json"),
+                                   "--layers", "3", "--experts", "4", "-o", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    plan = Plan.load(out / "plan.json")
+    if with_nll:
+        # layer 0 (dense) and the last layer are protected; the third is the highest NLL increase among the rest
+        assert (plan.layer_strategy, plan.layers) == ("importance", sorted([0, middle, L - 1]))
+    else:
+        want = [int(math.floor(v + 0.5)) for v in np.linspace(0, L - 1, 3)]
+        assert (plan.layer_strategy, plan.layers) == ("uniform", want)

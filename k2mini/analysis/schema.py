@@ -99,6 +99,10 @@ class Analysis(BaseModel):
     baseline_nll: float | None = None
     output_error_tokens: int | None = None  # calibration tokens the output-error orders were computed on
 
+    def has_nll_increase(self) -> bool:
+        """Whether every layer has its skip-layer NLL increase (analyze --nll)."""
+        return bool(self.layers) and all(s.nll_increase is not None for s in self.layers)
+
     def has_output_error(self) -> bool:
         """Whether every MoE layer has an output-error elimination order."""
         moe = [s for s in self.layers if s.experts is not None]
