@@ -193,15 +193,19 @@ def test_presets_validate(tmp_path):
         load_preset(str(tmp_path / "x.json"))
 
 
-def test_convert_with_analysis_end_to_end(tiny_fixture, tmp_path):
-    ck = Checkpoint.open(tiny_fixture.path)
-    a = make_analysis(ck, seed=5)
+def convert_3x4(fixture, tmp_path, a: Analysis) -> tuple[Plan, Path]:
+    """`k2mini convert --analysis a --layers 3 --experts 4` with every strategy left to its default."""
     a.save(tmp_path / "analysis.json")
     out = tmp_path / "out"
-    res = CliRunner().invoke(cli, ["convert", "-s", str(tiny_fixture.path), "--analysis", str(tmp_path / "analysis.json"),
+    res = CliRunner().invoke(cli, ["convert", "-s", str(fixture.path), "--analysis", str(tmp_path / "analysis.json"),
                                    "--layers", "3", "--experts", "4", "-o", str(out), "--no-progress"])
     assert res.exit_code == 0, res.output
-    plan = Plan.load(out / "plan.json")
+    return Plan.load(out / "plan.json"), out
+
+
+def test_convert_with_analysis_end_to_end(tiny_fixture, tmp_path):
+    a = make_analysis(Checkpoint.open(tiny_fixture.path), seed=5)
+    plan, out = convert_3x4(tiny_fixture, tmp_path, a)
     assert (plan.layer_strategy, plan.expert_strategy) == ("importance", "reap")
     stats = {s.layer: s.experts for s in a.layers}
     cfg = json.loads((out / "config.json").read_text())
@@ -220,12 +224,7 @@ def test_convert_layer_default_follows_the_study(tiny_fixture, tmp_path, with_nl
     if not with_nll:
         for s in a.layers:
             s.nll_increase = None
-    a.save(tmp_path / "analysis.json")
-    out = tmp_path / "out"
-    res = CliRunner().invoke(cli, ["convert", "-s", str(tiny_fixture.path), "--analysis", str(tmp_path / "analysis.json"),
-                                   "--layers", "3", "--experts", "4", "-o", str(out), "--no-progress"])
-    assert res.exit_code == 0, res.output
-    plan = Plan.load(out / "plan.json")
+    plan, _ = convert_3x4(tiny_fixture, tmp_path, a)
     if with_nll:
         # layer 0 (dense) and the last layer are protected; the third is the highest NLL increase among the rest
         assert (plan.layer_strategy, plan.layers) == ("importance", sorted([0, middle, L - 1]))
