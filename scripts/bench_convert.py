@@ -7,8 +7,12 @@
        from one reused buffer, each file fsynced like convert's shards; once through the page
        cache (open/write/fsync) and once with O_DIRECT (+ fsync). The faster of the two is
        the floor: the least time any writer needs to make those bytes durable on this disk.
+   (c) (a) and the O_DIRECT (b) at once, on two threads of one process: the least time a
+       convert that overlaps its reads with its writes can take on this disk (max(read,
+       write) if the device serves both at full speed, read + write if it shares one
+       bandwidth between them).
    Printed: convert / read (targets: fp8 within 1.5x, bf16 within 2.5x) and convert /
-   (read + write floor), the cost of convert beyond moving its bytes. Each is timed inside
+   (read + write floor), the cost of convert beyond moving its bytes, and convert / (c). Each is timed inside
    its own process after imports; each convert is compared with the reads and floors taken
    just before and after it, and the load average is printed with every figure (the build
    machine is shared: the ratios are only as good as the load was steady). convert's time
@@ -54,8 +58,8 @@ def evict(src: Path) -> None:
             os.close(fd)
 
 
-def child_read(src: str, experts: int) -> dict:
-    """Plain sequential read of exactly the bytes convert selects, in its order."""
+def _selected_ranges(src: str, experts: int) -> list[tuple[str, int, int]]:
+    """(file, offset, length) of exactly the bytes convert selects, in its order."""
     from k2mini.checkpoint.reader import Checkpoint
     from k2mini.convert.pipeline import plan_jobs
     from k2mini.convert.transforms import TensorJob
@@ -75,11 +79,13 @@ def child_read(src: str, experts: int) -> dict:
         s = ck.scale_of(j.source) if isinstance(j, TensorJob) and t.dtype == "F8_E4M3" else None
         if s is not None:
             ranges.append((s.file, s.offset, s.nbytes))
+    return ranges
+
+
+def _read_ranges(src: str, ranges: list[tuple[str, int, int]]) -> dict:
     buf = bytearray(max(n for _, _, n in ranges))
     mv = memoryview(buf)
     fds = {}
-    evict(Path(src))
-    cpu0 = os.times()
     t0 = time.perf_counter()
     total = 0
     for f, off, n in ranges:
@@ -88,17 +94,52 @@ def child_read(src: str, experts: int) -> dict:
         while done < n:
             done += os.preadv(fd, [mv[done:n]], off + done)
         total += n
-    seconds, cpu = time.perf_counter() - t0, os.times()
-    return {"seconds": seconds, "cpu_seconds": cpu.user + cpu.system - cpu0.user - cpu0.system, "bytes": total}
+    return {"seconds": time.perf_counter() - t0, "bytes": total}
+
+
+def child_read(src: str, experts: int) -> dict:
+    """Plain sequential read of exactly the bytes convert selects, in its order."""
+    ranges = _selected_ranges(src, experts)
+    evict(Path(src))
+    cpu0 = os.times()
+    r = _read_ranges(src, ranges)
+    cpu = os.times()
+    return {**r, "cpu_seconds": cpu.user + cpu.system - cpu0.user - cpu0.system}
+
+
+def child_read_write(src: str, experts: int, out: str, sizes: str) -> dict:
+    """The plain read and the O_DIRECT write floor run at once, on two threads of one process.
+
+    The least time any convert can take on this disk if reading and writing overlap as well
+    as the device allows: max(read, write) where the device serves both streams at full
+    speed, read + write where it has one bandwidth for both (measured on the build machine:
+    see STATUS.md). Both calls release the GIL for the whole syscall.
+    """
+    import threading
+
+    ranges = _selected_ranges(src, experts)
+    evict(Path(src))
+    res: dict = {}
+    w = threading.Thread(target=lambda: res.update(write=child_write(out, sizes, "direct")))
+    w.start()
+    res["read"] = _read_ranges(src, ranges)
+    w.join()
+    # Not the time after join: that would include child_write removing its files.
+    seconds = max(res["read"]["seconds"], res["write"]["seconds"])
+    return {"seconds": seconds, "bytes": res["read"]["bytes"] + res["write"]["bytes"],
+            "read_seconds": res["read"]["seconds"], "write_seconds": res["write"]["seconds"]}
 
 
 def child_write(out: str, sizes: str, direct: str) -> dict:
     """Write files of the given sizes from one reused buffer, fsync each: a plain write floor."""
-    import mmap
+    from k2mini.checkpoint.direct_write import chunk_buffers
 
-    chunk = 4 << 20
-    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
-    buf.write(os.urandom(chunk))
+    # The same memory convert's writer uses (page-aligned, as O_DIRECT needs, on huge pages
+    # where the kernel gives them: larger block requests), so the floor stays a floor.
+    mapping, bufs = chunk_buffers()
+    buf = bufs[0]
+    chunk = len(buf)
+    buf[:] = os.urandom(chunk)
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct == "direct" else 0)
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
@@ -115,6 +156,9 @@ def child_write(out: str, sizes: str, direct: str) -> dict:
         os.close(fd)
         total += n
     seconds = time.perf_counter() - t0
+    for b in bufs:
+        b.release()
+    mapping.close()
     shutil.rmtree(d)
     return {"seconds": seconds, "bytes": total}
 
@@ -201,6 +245,7 @@ def bench(src: Path, base: Path, experts: int) -> dict:
         sizes = json.dumps(c["shard_sizes"])
         c["floor_direct"] = run_child("write", base / "floor", sizes, "direct")
         c["floor_buffered"] = run_child("write", base / "floor", sizes, "buffered")
+        c["floor_read_write"] = run_child("readwrite", src, experts, base / "floor", sizes)
         res["reads"].append(run_child("read", src, experts))
         c["rss_bound"] = 2 * c["largest_tensor"] + 500 * 10**6
         res[dtype] = c
@@ -212,6 +257,7 @@ def bench(src: Path, base: Path, experts: int) -> dict:
         c["write_floor_seconds"] = min(c["floor_direct"]["seconds"], c["floor_buffered"]["seconds"])
         c["ratio_vs_plain_read"] = c["seconds"] / c["plain_read_seconds"]
         c["ratio_vs_read_plus_write"] = c["seconds"] / (c["plain_read_seconds"] + c["write_floor_seconds"])
+        c["ratio_vs_read_write_at_once"] = c["seconds"] / c["floor_read_write"]["seconds"]
     return res
 
 
@@ -227,6 +273,8 @@ def main() -> None:
             out = child_read(a[0], int(a[1]))
         elif kind == "write":
             out = child_write(*a)
+        elif kind == "readwrite":
+            out = child_read_write(a[0], int(a[1]), a[2], a[3])
         else:
             out = child_convert(a[0], a[1], int(a[2]), a[3])
         print(json.dumps(out))
@@ -263,6 +311,11 @@ def main() -> None:
                   f"page cache {_rate(c['floor_buffered'])}")
             print(f"    convert / plain read = {c['ratio_vs_plain_read']:.2f}x (target {targets[dtype]}x: {ok}); "
                   f"convert / (read + write floor {c['write_floor_seconds']:.2f} s) = {c['ratio_vs_read_plus_write']:.2f}x")
+            rw = c["floor_read_write"]
+            print(f"    read and O_DIRECT write at once (two threads, one process): {rw['seconds']:.2f} s (load {rw['load']:.1f}; "
+                  f"read {rw['read_seconds']:.2f} s, write {rw['write_seconds']:.2f} s, {rw['bytes'] / rw['seconds'] / 1e6:.0f} MB/s "
+                  f"both ways together); convert / that = {c['ratio_vs_read_write_at_once']:.2f}x; "
+                  f"that / plain read = {rw['seconds'] / c['plain_read_seconds']:.2f}x (the least ratio any convert can reach here)")
             print(f"    peak RSS {c['peak_rss'] / 1e6:.0f} MB vs bound {c['rss_bound'] / 1e6:.0f} MB "
                   f"(2 x largest tensor {c['largest_tensor'] / 1e6:.0f} MB + 500 MB): {rss_ok}; {c['rss_after_imports'] / 1e6:.0f} MB of it "
                   "is the process after imports")

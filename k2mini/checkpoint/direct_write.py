@@ -25,6 +25,7 @@ own fsync, exactly as with a buffered file.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -37,6 +38,37 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 ALIGN = 4096  # the largest common logical block size; any multiple of 512 up to it works
 CHUNK = 4 << 20  # 4 MiB: as fast as 8 or 16 MiB on the build machine, 12 MiB of buffers in all
 BUFFERS = 3
+HUGE_PAGE = 2 << 20  # x86-64 and arm64 (4 KiB base pages) transparent huge page size
+
+
+def chunk_buffers() -> tuple[mmap.mmap, list[memoryview]]:
+    """``BUFFERS`` chunks, each starting on a ``HUGE_PAGE`` boundary of private anonymous memory
+    that asks for transparent huge pages.
+
+    Why: the kernel splits an O_DIRECT write into one block request per run of physically
+    contiguous pages; with 4 KiB pages scattered in memory a 4 MiB pwrite became ~8 requests
+    of ~512 KiB (max_segments), with 2 MiB pages one request of 4 MiB. Measured on the build
+    machine's virtio disk (1.49 GB, O_DIRECT, fsync, one 4 MiB buffer, load 1-2):
+    0.92-1.00 s with huge pages (4039 KB per request) against 1.57-1.61 s without (511 KB),
+    and convert shares that disk's one bandwidth between its reads and its writes (see
+    scripts/bench_convert.py). MAP_PRIVATE because ``mmap.mmap(-1, n)`` is MAP_SHARED, i.e.
+    shmem, which the default THP setting ("madvise" for anonymous memory) never backs with
+    huge pages. Where huge pages are unavailable (THP off, macOS) this is plain page-aligned
+    memory and only the request sizes differ; the bytes written are the same.
+    """
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    m = mmap.mmap(-1, BUFFERS * CHUNK + HUGE_PAGE, flags=flags) if flags else mmap.mmap(-1, BUFFERS * CHUNK + HUGE_PAGE)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            m.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # kernels without THP refuse it with EINVAL
+            pass
+    mem = memoryview(m)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))  # the exported buffer is released with the temporary
+    skip = -addr % HUGE_PAGE
+    bufs = [mem[skip + k * CHUNK : skip + (k + 1) * CHUNK] for k in range(BUFFERS)]
+    mem.release()  # the slices keep their own exports of the mapping
+    return m, bufs
 
 
 def _open(path: str, flags: int) -> int:
@@ -60,7 +92,7 @@ class DirectFile:
         self.direct = bool(_O_DIRECT and fcntl.fcntl(self.fd, fcntl.F_GETFL) & _O_DIRECT)
         self.size = 0  # bytes given to write()
         self._offset = 0  # file offset of the chunk being filled
-        self._bufs = [mmap.mmap(-1, CHUNK) for _ in range(BUFFERS)]  # page-aligned, touched lazily
+        self._map, self._bufs = chunk_buffers()  # touched lazily
         self._cur = 0
         self._fill = 0
         self._pending: deque[Future] = deque()
@@ -127,10 +159,11 @@ class DirectFile:
             self._pool.shutdown(wait=True)
             self._file.close()
             for b in self._bufs:
-                try:
-                    b.close()
-                except BufferError:  # a traceback still holds a view of it: unmapped with that
-                    pass
+                b.release()
+            try:
+                self._map.close()
+            except BufferError:  # a traceback still holds a view of it: unmapped with that
+                pass
 
     def __enter__(self) -> DirectFile:
         return self
