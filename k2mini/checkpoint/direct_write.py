@@ -10,7 +10,8 @@ threshold is 10% of RAM), so writing and flushing alternate instead of overlappi
 every output byte first costs a fresh page-cache page. Measured on the build machine (a
 VM, 2 cores): 1.5-3 GB written from a reused buffer and fsynced ran at 85-524 MB/s through
 the page cache and at 0.75-1.7 GB/s with O_DIRECT (load 1.7-11; `scripts/bench_convert.py`
-prints both floors each run). Starting writeback early instead (sync_file_range every 64 MB
+prints both floors each run); 1.6-2.8 GB/s with O_DIRECT since the chunks sit on huge pages
+(``chunk_buffers``; load 1.1-1.5). Starting writeback early instead (sync_file_range every 64 MB
 plus POSIX_FADV_DONTNEED behind it) reached 0.66-0.92 GB/s in the same test.
 
 O_DIRECT needs the buffer address, file offset and length aligned to the device's logical
