@@ -263,7 +263,7 @@ def test_inspect_on_a_hub_repo_matches_local(fake_hub, tiny_fixture):
     hub_r = CliRunner().invoke(cli, ["inspect", "org/tiny", "--json"])
     local_r = CliRunner().invoke(cli, ["inspect", str(tiny_fixture.path), "--json"])
     assert hub_r.exit_code == local_r.exit_code == 0, hub_r.output
-    a, b = json.loads(hub_r.output), json.loads(local_r.output)
+    a, b = json.loads(hub_r.stdout), json.loads(local_r.stdout)
     assert a.pop("source").startswith("org/tiny@") and b.pop("source")
     assert a == b
     assert fake_hub.total_sent() < sum(p.stat().st_size for p in tiny_fixture.path.iterdir()) / 2
@@ -292,7 +292,7 @@ def convert_from_hub(fake_hub, wide, out):
     fake_hub.reset_counts()
     r = CliRunner().invoke(cli, ["convert-fast", "-s", "org/wide", "-o", str(out), *REDUCE])
     assert r.exit_code == 0, r.output
-    return json.loads(r.output)
+    return json.loads(r.stdout)
 
 
 def assert_same_output(from_disk: Path, from_hub: Path, hub_location: str):
@@ -346,7 +346,7 @@ def test_dry_run_says_bytes_to_fetch_against_repo_total(fake_hub, wide, tmp_path
     fake_hub.add("org/wide", wide / "src")
     args = ["convert-fast", "-s", "org/wide", "-o", str(tmp_path / "x"), "--layers", "2", "--experts", "2", "--dry-run"]
     fake_hub.reset_counts()
-    d = json.loads(CliRunner().invoke(cli, [*args, "--json"]).output)
+    d = json.loads(CliRunner().invoke(cli, [*args, "--json"]).stdout)
     assert d["planning_bytes_read"] == fake_hub.total_sent()  # what the dry run itself downloaded
     text = CliRunner().invoke(cli, args).output
     fresh_hub_cache(monkeypatch, tmp_path / "cache2")
