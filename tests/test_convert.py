@@ -20,6 +20,7 @@ from k2mini.checkpoint.reader import Checkpoint
 from k2mini.cli import cli
 from k2mini.model.hf import hf_config
 from k2mini.testing import build_fixture
+from convert_cli import convert, load, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -29,25 +30,6 @@ def aligned_grouped(tmp_path_factory):
                          n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=2)
 
 
-def run_cli(*args: str, ok: bool = True):
-    res = CliRunner().invoke(cli, [*map(str, args)], catch_exceptions=False)
-    if ok:
-        assert res.exit_code == 0, res.output
-    return res
-
-
-def convert(cmd: str, src, out, *args) -> dict:
-    res = run_cli(cmd, "-s", src, "-o", out, "--json", "--no-progress", *args)
-    return json.loads(res.stdout)
-
-
-def load(out, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(str(out), dtype=dtype, output_loading_info=True)
-    assert info["missing_keys"] == set() and info["unexpected_keys"] == set(), info
-    assert info["mismatched_keys"] == set() and not info["error_msgs"], info
-    return model.eval()
 
 
 IDS = torch.tensor([[1, 7, 42, 99, 3, 250, 17, 8]])

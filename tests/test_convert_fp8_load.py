@@ -11,16 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 
 from k2mini.checkpoint.reader import Checkpoint
-from k2mini.cli import cli
 from k2mini.model.fp8_layout import hf_module, is_skipped
 from k2mini.model.spec import is_projection
 from k2mini.testing import build_fixture
 from k2mini.validate.memory import weights_from_config
 from k2mini.validate.static import run_static
+from convert_cli import convert, load
 from validate_outputs import reduce_by_hand
 
 IDS = torch.tensor([[1, 7, 42, 99, 3, 250, 17, 8]])
@@ -33,20 +32,6 @@ def k2like(tmp_path_factory):
     return build_fixture(tmp_path_factory.mktemp("k2like") / "src", "aligned", keep_model=True, kv_lora_rank=128)
 
 
-def convert(cmd: str, src, out, *args) -> dict:
-    res = CliRunner().invoke(cli, [cmd, "-s", str(src), "-o", str(out), "--json", "--no-progress", *map(str, args)],
-                             catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    return json.loads(res.stdout)
-
-
-def load(out, dtype=torch.bfloat16):
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(str(out), dtype=dtype, output_loading_info=True)
-    assert info["missing_keys"] == set() and info["unexpected_keys"] == set(), info
-    assert info["mismatched_keys"] == set() and not info["error_msgs"], info
-    return model.eval()
 
 
 def output_tensors(out: Path) -> dict[str, torch.Tensor]:
@@ -88,7 +73,7 @@ def test_fp8_output_loads_without_remote_code(request, tmp_path, cmd, fx_name):
             assert (name.removesuffix("weight") + "weight_scale_inv" in tensors) == (not listed), name
             if t.dtype == torch.float8_e4m3fn:
                 assert t.shape[0] % 128 == 0 and t.shape[1] % 128 == 0, name
-    model = load(out)
+    model = load(out, torch.bfloat16)
     assert torch.isfinite(model(IDS).logits.float()).all()
 
 
@@ -196,8 +181,8 @@ def test_all_kept_fp8_logits_equal_bf16_output(request, tmp_path, fx_name):
     convert("convert", fx.path, tmp_path / "fp8", "--dtype", "fp8")
     convert("convert", fx.path, tmp_path / "bf16")
     with torch.no_grad():
-        a = load(tmp_path / "fp8")(IDS).logits
-        b = load(tmp_path / "bf16")(IDS).logits
+        a = load(tmp_path / "fp8", torch.bfloat16)(IDS).logits
+        b = load(tmp_path / "bf16", torch.bfloat16)(IDS).logits
     assert torch.isfinite(a.float()).all() and torch.equal(a, b)
 
 
@@ -241,4 +226,4 @@ def test_validate_fails_fused_pair_of_mixed_precision(k2like, tmp_path):
     rep = run_static(Checkpoint.open(out))
     assert {f.check for f in errors(rep)} == {"tensor.fp8_fused_mixed"}
     assert all(f.breaks == ["vLLM"] for f in errors(rep))
-    load(out)  # transformers itself is fine with it
+    load(out, torch.bfloat16)  # transformers itself is fine with it

@@ -17,6 +17,7 @@ from k2mini.analysis.schema import Analysis, CalibrationInfo, CalibrationSource,
 from k2mini.checkpoint import fp8
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.cli import cli
+from convert_cli import convert, load
 
 N_EXPERTS, KEEP = 8, 4
 PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -47,16 +48,9 @@ def setup(tiny_fixture, tmp_path_factory):
     d = tmp_path_factory.mktemp("merge")
     a = write_analysis(tiny_fixture.path, d / "a.json")
     args = ["--analysis", d / "a.json", "--expert-strategy", "reap", "--experts", KEEP, "--max-shard-size", "1MB"]
-    plain = convert(tiny_fixture.path, d / "plain", *args)
-    merged = convert(tiny_fixture.path, d / "merged", *args, "--merge")
+    plain = convert("convert", tiny_fixture.path, d / "plain", *args)
+    merged = convert("convert", tiny_fixture.path, d / "merged", *args, "--merge")
     return d, a, args, plain, merged
-
-
-def convert(src, out, *args) -> dict:
-    res = CliRunner().invoke(cli, ["convert", "-s", str(src), "-o", str(out), "--json", "--no-progress", *map(str, args)],
-                             catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    return json.loads(res.stdout)
 
 
 def tensors(out: Path) -> dict[str, torch.Tensor]:
@@ -126,11 +120,8 @@ def test_unmerged_tensors_byte_equal_plain_convert(setup):
 
 
 def test_merged_output_loads_in_transformers(setup):
-    from transformers import AutoModelForCausalLM
-
     d = setup[0]
-    model, info = AutoModelForCausalLM.from_pretrained(str(d / "merged"), dtype=torch.float32, output_loading_info=True)
-    assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and not info["error_msgs"], info
+    model = load(d / "merged")
     cfg = json.loads((d / "merged" / "config.json").read_text())
     assert cfg["n_routed_experts"] == KEEP and cfg["k2mini"]["merge"] == "router"
     with torch.no_grad():
@@ -169,8 +160,8 @@ def test_fp8_output_requantizes_merged_experts(aligned_fixture, tmp_path):
     from the merged weight, the others keep the source's bytes; transformers loads it."""
     write_analysis(aligned_fixture.path, tmp_path / "a.json")
     args = ["--analysis", tmp_path / "a.json", "--expert-strategy", "reap", "--experts", KEEP, "--merge"]
-    convert(aligned_fixture.path, tmp_path / "fp8", *args, "--dtype", "fp8")
-    convert(aligned_fixture.path, tmp_path / "bf16", *args)
+    convert("convert", aligned_fixture.path, tmp_path / "fp8", *args, "--dtype", "fp8")
+    convert("convert", aligned_fixture.path, tmp_path / "bf16", *args)
     plan = json.loads((tmp_path / "fp8" / "plan.json").read_text())
     q, bf, src = tensors(tmp_path / "fp8"), tensors(tmp_path / "bf16"), tensors(aligned_fixture.path)
     seen = {1: 0, 2: 0}
@@ -190,10 +181,7 @@ def test_fp8_output_requantizes_merged_experts(aligned_fixture, tmp_path):
                     assert 0 < err <= 2**-4 * ref.abs().max()
                 seen[min(len(g), 2)] += 1
     assert seen[1] and seen[2]
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fp8"), output_loading_info=True)
-    assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and not info["error_msgs"], info
+    model = load(tmp_path / "fp8", None)  # None: the checkpoint's own dtypes, transformers' default
     with torch.no_grad():
         assert torch.isfinite(model.eval()(input_ids=torch.tensor([[1, 7, 42, 99]])).logits).all()
 
@@ -210,7 +198,7 @@ def test_rerun_and_resume_byte_identical(tiny_fixture, setup, tmp_path, monkeypa
     d, _, args, _, _ = setup
     args = [*map(str, args), "--merge", "--max-shard-size", "300KB"]
     again = tmp_path / "again"
-    convert(tiny_fixture.path, again, *args)
+    convert("convert", tiny_fixture.path, again, *args)
     want = {p.name: p.read_bytes() for p in sorted(again.iterdir())}
     assert len(list(again.glob("*.safetensors"))) >= 3
     orig, n = T.Bf16Transform.produce, [0]
@@ -227,7 +215,7 @@ def test_rerun_and_resume_byte_identical(tiny_fixture, setup, tmp_path, monkeypa
     assert isinstance(res.exception, Crash)
     assert not c.exists() and list((tmp_path / ".c.k2mini-partial").glob("model-*.safetensors"))
     monkeypatch.setattr(T.Bf16Transform, "produce", orig)
-    s = convert(tiny_fixture.path, c, *args, "--resume")
+    s = convert("convert", tiny_fixture.path, c, *args, "--resume")
     assert s["reused_shards"] >= 1
     assert {p.name: p.read_bytes() for p in sorted(c.iterdir())} == want
     # The setup's run (1MB shards) merged the same weights: same tensors, other layout.
@@ -255,6 +243,6 @@ def test_bad_merge_input(tiny_fixture, setup, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(plan))
     _bad(["convert", "-s", src, "--plan", tmp_path / "bad.json"], "sum to", tmp_path / "o3")
     # A good plan replays: same bytes as the run that wrote it.
-    convert(src, tmp_path / "replay", "--plan", d / "merged" / "plan.json", "--max-shard-size", "1MB")
+    convert("convert", src, tmp_path / "replay", "--plan", d / "merged" / "plan.json", "--max-shard-size", "1MB")
     assert tensors(tmp_path / "replay").keys() == tensors(d / "merged").keys()
     assert (tmp_path / "replay" / "plan.json").read_bytes() == (d / "merged" / "plan.json").read_bytes()
