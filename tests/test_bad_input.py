@@ -90,40 +90,30 @@ def _truncated(d):
     return [shard, "truncated", last]
 
 
-def _corrupt_header(d):
+def _overwrite_weight_shard(d, offset: int, data: bytes) -> str:
+    """Overwrite bytes of the shard holding WEIGHT in place; its name."""
     shard = _shard_of(d, WEIGHT)
-    p = d / shard
-    b = bytearray(p.read_bytes())
-    b[20:30] = b"\xff" * 10
-    p.write_bytes(b)
-    return [shard, "not UTF-8"]
+    with open(d / shard, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    return shard
+
+
+def _corrupt_header(d):
+    return [_overwrite_weight_shard(d, 20, b"\xff" * 10), "not UTF-8"]
 
 
 def _header_not_json(d):
-    shard = _shard_of(d, WEIGHT)
-    p = d / shard
-    b = bytearray(p.read_bytes())
-    b[8] = ord("[")  # the header's opening brace
-    p.write_bytes(b)
-    return [shard, "JSON"]
+    return [_overwrite_weight_shard(d, 8, b"["), "JSON"]  # over the header's opening brace
 
 
 def _oversized_header(d):
-    shard = _shard_of(d, WEIGHT)
-    p = d / shard
-    b = bytearray(p.read_bytes())
-    b[:8] = struct.pack("<Q", 1 << 40)
-    p.write_bytes(b)
-    return [shard, "header length", str(1 << 40)]
+    return [_overwrite_weight_shard(d, 0, struct.pack("<Q", 1 << 40)), "header length", str(1 << 40)]
 
 
 def _header_longer_than_file(d):
-    shard = _shard_of(d, WEIGHT)
-    p = d / shard
-    b = bytearray(p.read_bytes())
-    b[:8] = struct.pack("<Q", len(b))  # plausible, but runs past the end
-    p.write_bytes(b)
-    return [shard, "truncated"]
+    size = (d / _shard_of(d, WEIGHT)).stat().st_size
+    return [_overwrite_weight_shard(d, 0, struct.pack("<Q", size)), "truncated"]  # plausible, but runs past the end
 
 
 def _escape_dotdot(d):
