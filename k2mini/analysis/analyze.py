@@ -116,13 +116,15 @@ class MetricsObserver(LayerObserver):
         self.last_in: list[torch.Tensor] = []
         self.last_out: list[torch.Tensor] = []
         self.x_sample: torch.Tensor | None = None
+        self.router: tuple[torch.Tensor, torch.Tensor | None] | None = None  # as the runner routed with
         self.outs: torch.Tensor | None = None  # [N, E, H]
 
     def needs_every_expert(self, layer):
         return self.sample is not None
 
-    def moe_input(self, layer, x):
+    def moe_input(self, layer, x, router_weight, router_bias):
         if self.sample is not None:
+            self.router = (router_weight, router_bias)
             self.x_sample = x[self.sample].float()
             self.outs = torch.empty(len(self.sample), self.n_experts, x.shape[1])
 
@@ -180,11 +182,9 @@ def _router_weight_stats(ck: Checkpoint, layer: int, weight_norms: bool) -> dict
     return out
 
 
-def _routing(ck: Checkpoint, layer: int) -> Routing:
-    prefix = f"model.layers.{layer}.mlp.gate."
-    weight = ck.read(prefix + "weight").float()
-    bias = ck.read(prefix + "e_score_correction_bias").float() if prefix + "e_score_correction_bias" in ck.tensors else torch.zeros(weight.shape[0])
-    c = ck.config
+def _routing(c: dict, weight: torch.Tensor, bias: torch.Tensor | None) -> Routing:
+    """The runner's router (weights it already read) with the config's routing constants."""
+    bias = bias if bias is not None else torch.zeros(weight.shape[0])
     return Routing(weight, bias, int(c["num_experts_per_tok"]), bool(c.get("norm_topk_prob", True)),
                    float(c.get("routed_scaling_factor", 1.0)), int(c.get("n_group") or 1), int(c.get("topk_group") or 1))
 
@@ -270,8 +270,8 @@ def analyze(
             for k, v in _router_weight_stats(ck, layer, opts.weight_norms).items():
                 setattr(es, k, v)
             if sample is not None:
-                es.output_error_order = elimination_order(obs.x_sample, _routing(ck, layer), obs.outs)
-                obs.x_sample = obs.outs = None  # free the [N, E, H] outputs before the next layer
+                es.output_error_order = elimination_order(obs.x_sample, _routing(ck.config, *obs.router), obs.outs)
+                obs.x_sample = obs.outs = obs.router = None  # free the [N, E, H] outputs before the next layer
             stats.experts = es
         layers.append(stats)
         h_out.save(work / f"h-{layer}.npy")

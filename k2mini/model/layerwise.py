@@ -144,8 +144,9 @@ class LayerObserver:
         token picked (each is then shown to ``expert_weights``)."""
         return False
 
-    def moe_input(self, layer: int, x: torch.Tensor) -> None:
-        """The MoE block's input ``[T, H]`` (every token, flat), before routing."""
+    def moe_input(self, layer: int, x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None) -> None:
+        """The MoE block's input ``[T, H]`` (every token, flat), before routing, with the router
+        weight ``[E, H]`` and correction bias ``[E]`` (None: no bias) the runner routes with (float32)."""
 
     def expert_weights(self, layer: int, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
         """An expert's ``gate_proj`` / ``up_proj`` ``[I, H]`` and ``down_proj`` ``[H, I]`` while resident."""
@@ -383,7 +384,7 @@ class LayerwiseRunner:
         bias_name = prefix + "gate.e_score_correction_bias"
         bias = self.ck.read(bias_name).float() if bias_name in self.ck.tensors else None
         x_flat = xn.flat()
-        obs.moe_input(layer, x_flat)
+        obs.moe_input(layer, x_flat, gate_w, bias)
         idx_parts, w_parts = [], []
         for t0 in range(0, x_flat.shape[0], _EXPERT_CHUNK):
             i, w = route(x_flat[t0 : t0 + _EXPERT_CHUNK].to(self.dtype), gate_w, bias, self.cfg)
