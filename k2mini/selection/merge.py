@@ -21,16 +21,19 @@ import torch
 
 def output_similarity(outs: torch.Tensor) -> torch.Tensor:
     """[E, E] cosine similarity of expert outputs ``outs`` [T, E, H] over all tokens."""
-    flat = outs.permute(1, 0, 2).reshape(outs.shape[1], -1).double()
-    flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    return (flat @ flat.T).float()
+    return _row_cosines(outs.permute(1, 0, 2).reshape(outs.shape[1], -1))
 
 
 def router_similarity(router_weight: torch.Tensor) -> torch.Tensor:
     """[E, E] cosine similarity of the router weight rows ``router_weight`` [E, H]."""
-    w = router_weight.double()
-    w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    return (w @ w.T).float()
+    return _row_cosines(router_weight)
+
+
+def _row_cosines(m: torch.Tensor) -> torch.Tensor:
+    """[R, R] cosine similarity of the rows of ``m`` (computed in float64)."""
+    m = m.double()
+    m = m / m.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return (m @ m.T).float()
 
 
 def merge_plan(kept: list[int], similarity: torch.Tensor, frequency: list[float]) -> dict[int, list[tuple[int, float]]]:
