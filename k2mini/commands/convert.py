@@ -100,16 +100,6 @@ def _print_summary(s, plan, as_json: bool) -> None:
         click.echo(f"  copied: {', '.join(s.copied_files) or 'nothing'}; left out: {', '.join(s.dropped_files) or 'nothing'}")
 
 
-def _default_layer_strategy(a) -> str:
-    """importance by NLL increase when the analysis has it (analyze --nll), else uniform.
-
-    Not block influence: in the nano K2 study it was the worst layer score in all four
-    trained models (7 of 9 layers kept, prose KL: 0.068/0.025/0.050/0.061 vs uniform
-    0.038/0.012/0.032/0.035), while skip-layer NLL tied or beat uniform.
-    """
-    return "importance" if a.has_nll_increase() else "uniform"
-
-
 def _default_expert_strategy(a, path) -> str:
     """output-error when the analysis has its orders (see --expert-strategy's help), else REAP."""
     if a.has_output_error():
@@ -155,10 +145,15 @@ def run(
         check_plan_source(plan, ck, str(plan_path))
     else:
         a = Analysis.load(analysis) if analysis else None
+        # Layers default to importance by skip-layer NLL when analyzed (analyze --nll), else
+        # uniform; not block influence, the worst layer score in all four trained nano K2 models
+        # (7 of 9 layers kept, prose KL 0.068/0.025/0.050/0.061 vs uniform 0.038/0.012/0.032/0.035),
+        # where skip-layer NLL tied or beat uniform.
+        has_nll = a is not None and a.has_nll_increase()
         if fast:
             ls, es = "uniform", "weights"
         else:
-            ls = pick(layer_strategy, p and p.layer_strategy, _default_layer_strategy(a) if a else "uniform")
+            ls = pick(layer_strategy, p and p.layer_strategy, "importance" if has_nll else "uniform")
             es = pick(expert_strategy, p and p.expert_strategy, None)
             if keep_layers and layer_strategy is None:
                 ls = "explicit"
@@ -171,8 +166,8 @@ def run(
             top_k=pick(top_k, p and p.top_k, None), layer_strategy=ls, expert_strategy=es,
             keep_layers=_parse_ints(keep_layers, "--keep-layers") if keep_layers else None,
             keep_experts=_parse_keep_experts(keep_experts) if keep_experts else None,
-            protect_ends=protect_ends,
-            layer_metric=layer_metric or ("nll_increase" if a is not None and a.has_nll_increase() else "block_influence"), groups=pick(groups, p and p.groups, "auto"), merge=merge,
+            protect_ends=protect_ends, layer_metric=layer_metric or ("nll_increase" if has_nll else "block_influence"),
+            groups=pick(groups, p and p.groups, "auto"), merge=merge,
         )
         plan = build_plan(ck, opts, a, str(analysis) if analysis else None)
     prepared = prepare(ck, plan, transform)
