@@ -212,8 +212,12 @@ class Checkpoint:
         """The tensor for computation: FP8 weights dequantized to BF16, others as stored."""
         if self.is_fp8(name):
             w, s = self.read_fp8(name)
-            return fp8.dequantize(w, s)
+            return fp8.dequantize(w, s, out=self._dequant_buffer(tuple(w.shape)))
         return self.read_raw(name)
+
+    def _dequant_buffer(self, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """Where ``read`` dequantizes to: None, a new tensor (subclasses reuse buffers)."""
+        return None
 
     def read_many(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         return {n: self.read(n) for n in names}

@@ -16,7 +16,6 @@ from collections import deque
 import numpy as np
 import torch
 
-from k2mini.checkpoint import fp8
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.checkpoint.safetensors_format import DTYPES
 
@@ -195,8 +194,5 @@ class PrefetchedCheckpoint(Checkpoint):
         t = self._prefetcher.get(name)
         return t if t is not None else super().read_raw(name)
 
-    def read(self, name: str) -> torch.Tensor:
-        if self.is_fp8(name):
-            w, s = self.read_fp8(name)
-            return fp8.dequantize(w, s, out=self._dequant_arena.empty(tuple(w.shape), torch.bfloat16))
-        return self.read_raw(name)
+    def _dequant_buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return self._dequant_arena.empty(shape, torch.bfloat16)
