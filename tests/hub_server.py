@@ -64,6 +64,8 @@ class FakeHub:
         # another origin (here another port), which goes stale when expire_cdn() is called.
         self.cdn = False
         self.latency = 0.0  # seconds added before every answer (a benchmark's stand-in for distance)
+        self.in_flight = 0  # requests being answered now
+        self.max_in_flight = 0  # the most answered at once since reset_counts
         self.cdn_generation = 0
         self._servers = [_QuietServer(("127.0.0.1", 0), _handler(self)) for _ in range(2)]
         self._server, self._cdn_server = self._servers
@@ -132,6 +134,7 @@ class FakeHub:
             self.sent.clear()
             self.requests.clear()
             self.authorizations.clear()
+            self.max_in_flight = 0
 
 
 def _handler(hub: FakeHub):
@@ -182,6 +185,16 @@ def _handler(hub: FakeHub):
             self._route(head=False)
 
         def _route(self, head: bool):
+            with hub._lock:
+                hub.in_flight += 1
+                hub.max_in_flight = max(hub.max_in_flight, hub.in_flight)
+            try:
+                self._answer(head)
+            finally:
+                with hub._lock:
+                    hub.in_flight -= 1
+
+        def _answer(self, head: bool):
             url = urlsplit(self.path)
             parts = [unquote(p) for p in url.path.split("/")[1:]]
             if hub.latency:

@@ -46,6 +46,7 @@ class MemorySource:
     """The Source protocol over in-memory files, so each case costs no disk I/O."""
 
     description = "mem"
+    concurrency = 1
 
     def __init__(self, files: dict[str, bytes]):
         self.files = files

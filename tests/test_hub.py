@@ -42,12 +42,14 @@ def fake_hub(hub, tiny_fixture, monkeypatch, tmp_path):
     hub.repos.clear()
     hub.faults.clear()
     hub.cdn = False
+    hub.latency = 0.0
     hub.add("org/tiny", tiny_fixture.path)
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("K2MINI_CACHE_DIR", raising=False)
+    monkeypatch.delenv("K2MINI_HUB_CONNECTIONS", raising=False)
     # huggingface_hub reads these once at import (transformers imported it long before this test).
     monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
@@ -360,6 +362,50 @@ def test_dry_run_says_bytes_to_fetch_against_repo_total(fake_hub, wide, tmp_path
     # The dry run may count a copied file the run then finds in the Hub cache.
     assert fake_hub.total_sent() <= planned <= fake_hub.total_sent() + copied
     assert planned < 0.2 * d["source_total_bytes"]
+
+
+def test_reads_overlap_up_to_the_connection_limit(fake_hub, wide, tmp_path, monkeypatch):
+    # With a round trip on every answer, reads from the Hub overlap (headers, scale grids for
+    # scoring, tensors read ahead), never past K2MINI_HUB_CONNECTIONS; one connection reads
+    # one range at a time. The bytes written are the same either way.
+    fake_hub.latency = 0.01
+    s = convert_from_hub(fake_hub, wide, tmp_path / "eight")
+    assert 1 < fake_hub.max_in_flight <= hubmod.CONNECTIONS
+    assert_same_output(wide / "from_disk", tmp_path / "eight", s["source"])
+    monkeypatch.setenv("K2MINI_HUB_CONNECTIONS", "1")
+    fresh_hub_cache(monkeypatch, tmp_path / "cache2")
+    s = convert_from_hub(fake_hub, wide, tmp_path / "one")
+    assert fake_hub.max_in_flight == 1
+    assert_same_output(wide / "from_disk", tmp_path / "one", s["source"])
+
+
+def test_long_range_comes_in_parallel_pieces_that_resume(fake_hub, tiny_fixture, monkeypatch):
+    monkeypatch.setattr(hubmod, "PIECE_BYTES", 4096)
+    ck = Checkpoint.open("org/tiny")
+    name, t = max(ck.tensors.items(), key=lambda kv: kv[1].nbytes)
+    pieces = -(-t.nbytes // 4096)
+    assert pieces >= 4
+    fake_hub.latency = 0.01
+    fake_hub.reset_counts()
+    assert raw_bytes(ck, name) == file_bytes(tiny_fixture.path, t.file, t.offset, t.nbytes)
+    starts = sorted(int(rng.removeprefix("bytes=").split("-")[0]) for _, _, rng in fake_hub.requests)
+    assert starts == [t.offset + k * 4096 for k in range(pieces)]
+    assert 1 < fake_hub.max_in_flight <= hubmod.CONNECTIONS
+    # A piece cut mid-body resumes where it broke: every byte crosses the wire once.
+    fake_hub.fail("drop", 2, after=1000, min_length=4096)
+    fake_hub.reset_counts()
+    assert raw_bytes(ck, name) == file_bytes(tiny_fixture.path, t.file, t.offset, t.nbytes)
+    assert all(f.count == 0 for f in fake_hub.faults)
+    assert fake_hub.total_sent() == t.nbytes
+    assert len(fake_hub.requests) == pieces + 2  # the two cut pieces asked again for their rest
+
+
+@pytest.mark.parametrize("value", ["0", "65", "eight", "-3"])
+def test_bad_connection_count_is_one_line_exit_2(fake_hub, monkeypatch, value):
+    monkeypatch.setenv("K2MINI_HUB_CONNECTIONS", value)
+    r = CliRunner().invoke(cli, ["inspect", "org/tiny"])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines() == [f"k2mini: error: K2MINI_HUB_CONNECTIONS={value!r}: expected a whole number from 1 to 64"]
 
 
 def test_range_cache_serves_a_later_run_and_stays_bounded(fake_hub, wide, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import httpx2
@@ -49,6 +50,14 @@ MAX_WAIT = 8.0
 LOCATION_TTL = 300.0
 # A stale signed URL answers one of these; the range is then asked of the resolve URL again.
 _EXPIRED_STATUS = frozenset({401, 403, 404, 410})
+# Range requests in flight at once. A ranged GET mostly waits: one round trip before the
+# first byte (two without a cached CDN location), and one TCP stream rarely fills the link.
+# K2's weight scoring alone asks for ~27k scale grids of 3.6 KB each (24 layers x 384
+# experts x 3), about 23 minutes of round trips at 50 ms one after another.
+CONNECTIONS = 8
+# A range longer than this is fetched as pieces of this size in parallel (K2's embedding and
+# lm_head are 2.3 GB each; an expert's FP8 weight, 14.7 MB, stays one request).
+PIECE_BYTES = 32 << 20
 
 
 def parse_repo_location(location: str) -> tuple[str, str | None] | None:
@@ -71,8 +80,16 @@ def open_source(location: str | os.PathLike) -> Source:
         if parsed is not None:
             cache_dir = os.environ.get("K2MINI_CACHE_DIR")
             cache = RangeCache(cache_dir, parse_bytes(os.environ.get("K2MINI_CACHE_SIZE", "50G"), "K2MINI_CACHE_SIZE")) if cache_dir else None
-            return HubSource(*parsed, cache=cache)
+            return HubSource(*parsed, cache=cache, concurrency=connections_from_env())
     return LocalSource(text)
+
+
+def connections_from_env() -> int:
+    """``K2MINI_HUB_CONNECTIONS``: Range requests in flight at once (default 8, at most 64)."""
+    text = os.environ.get("K2MINI_HUB_CONNECTIONS", str(CONNECTIONS))
+    if not text.strip().isdigit() or not 1 <= int(text) <= 64:
+        raise UsageError(f"K2MINI_HUB_CONNECTIONS={text!r}: expected a whole number from 1 to 64")
+    return int(text)
 
 
 def parse_bytes(text: str, what: str) -> int:
@@ -174,6 +191,7 @@ class HubSource:
         max_wait: float | None = None,
         timeout: float = 60.0,
         cache: RangeCache | None = None,
+        concurrency: int = CONNECTIONS,
     ):
         self.repo_id = repo_id
         self.requested_revision = revision
@@ -184,9 +202,14 @@ class HubSource:
         self.max_wait = MAX_WAIT if max_wait is None else max_wait
         self.timeout = timeout
         self.cache = cache
+        self.concurrency = concurrency
         self.bytes_read = 0
         self.requests = 0
         self._lock = threading.Lock()
+        self._piece_pool: ThreadPoolExecutor | None = None
+        # Whoever reads (read-ahead threads, parallel pieces, read_many), at most this many
+        # Range requests are open at once.
+        self._slots = threading.BoundedSemaphore(concurrency)
         rev_text = f"@{revision}" if revision else ""
         self.description = f"{repo_id}{rev_text}"
         api = HfApi(endpoint=self.endpoint, token=token)
@@ -288,12 +311,8 @@ class HubSource:
         return data
 
     def read_into(self, rel: str, offset: int, buf: memoryview) -> None:
-        """Fill ``buf`` from ``rel`` at ``offset`` with one Range request, resumed where it breaks.
-
-        huggingface_hub's http_stream_backoff retries a request that fails to start, but a
-        body that breaks mid-stream surfaces in the caller's loop and cannot be resumed there,
-        so one loop here handles both and asks again only for the bytes still missing.
-        """
+        """Fill ``buf`` from ``rel`` at ``offset``: one Range request, or pieces of ``PIECE_BYTES``
+        in parallel for a long range; each resumed where it breaks."""
         out = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
         n = len(out)
         size = self._known(rel)
@@ -305,7 +324,32 @@ class HubSource:
         if self.cache is not None and self.cache.get(self.commit_sha, rel, offset, out):
             return
         url = self.url(rel)
-        progress = [0]  # bytes of buf filled; survives a broken attempt so the next resumes there
+        if n <= PIECE_BYTES or self.concurrency < 2:
+            self._fetch_range(url, rel, offset, out)
+        else:
+            with self._lock:
+                if self._piece_pool is None:
+                    self._piece_pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="k2mini-hub")
+            futures = [
+                self._piece_pool.submit(self._fetch_range, url, rel, offset + a, out[a : a + PIECE_BYTES])
+                for a in range(0, n, PIECE_BYTES)
+            ]
+            # Every piece has ended (written or failed) before the caller gets its buffer back.
+            wait(futures)
+            for f in futures:
+                f.result()
+        if self.cache is not None:
+            self.cache.put(self.commit_sha, rel, offset, out)
+
+    def _fetch_range(self, url: str, rel: str, offset: int, out: memoryview) -> None:
+        """One Range request for ``out``, resumed where it breaks.
+
+        huggingface_hub's http_stream_backoff retries a request that fails to start, but a
+        body that breaks mid-stream surfaces in the caller's loop and cannot be resumed there,
+        so one loop here handles both and asks again only for the bytes still missing.
+        """
+        n = len(out)
+        progress = [0]  # bytes of out filled; survives a broken attempt so the next resumes there
         failures = 0
         while progress[0] < n:
             before = progress[0]
@@ -318,12 +362,16 @@ class HubSource:
                 if failures > self.max_retries:
                     raise CheckpointError(
                         f"reading bytes {offset + progress[0]}-{offset + n - 1} failed after {self.max_retries} retries: {e}",
-                        path=where,
+                        path=f"{self.description}/{rel}",
                     ) from None
                 if failures:
                     self._sleep(failures)
-        if self.cache is not None:
-            self.cache.put(self.commit_sha, rel, offset, out)
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._piece_pool = self._piece_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def _location(self, rel: str) -> str | None:
         with self._lock:
@@ -342,7 +390,7 @@ class HubSource:
         with self._lock:
             self.requests += 1
         try:
-            with get_session().stream("GET", url, headers=headers, timeout=self.timeout) as r:
+            with self._slots, get_session().stream("GET", url, headers=headers, timeout=self.timeout) as r:
                 if cdn is not None and r.status_code in _EXPIRED_STATUS:
                     with self._lock:
                         self._locations.pop(rel, None)

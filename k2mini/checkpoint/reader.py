@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,14 +102,19 @@ class Checkpoint:
         files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
         for f in files:
             check_relative(f, where=f"{where}/{INDEX_FILE}")
-        headers = {}
         for f in files:
             if not self.source.exists(f):
                 example = next(k for k, v in weight_map.items() if v == f) if weight_map else f
                 raise CheckpointError(
                     f"shard {show_name(f)} listed in {INDEX_FILE} (e.g. for {show_name(example)}) is missing", path=where
                 )
-            headers[f] = self._read_header(f)
+        # One round trip per shard from the Hub (K2 has 62 shards): overlapped there.
+        workers = min(self.source.concurrency, len(files))
+        if workers < 2:
+            headers = {f: self._read_header(f) for f in files}
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="k2mini-header") as pool:
+                headers = dict(zip(files, pool.map(self._read_header, files)))
 
         if weight_map is None:
             weight_map = {name: SINGLE_FILE for name in headers[SINGLE_FILE].entries}
@@ -220,7 +226,15 @@ class Checkpoint:
         return None
 
     def read_many(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        return {n: self.read(n) for n in names}
+        """``read`` of each name, up to the source's ``concurrency`` at once: many small reads
+        from the Hub cost one round trip each, which then overlap. All results are held at
+        once, so this is for small tensors (scale grids, router rows), not a layer's experts."""
+        names = list(names)
+        workers = min(self.source.concurrency, len(names))
+        if workers < 2:
+            return {n: self.read(n) for n in names}
+        with ThreadPoolExecutor(workers, thread_name_prefix="k2mini-read") as pool:
+            return dict(zip(names, pool.map(self.read, names)))
 
 
 def _parse_untrusted_name(name: str, where: str) -> TensorName:
