@@ -1,12 +1,18 @@
-"""The read-ahead thread returns exactly what a direct read returns, reads each tensor once,
-and never reads what is skipped (shards re-used by --resume)."""
+"""The read-ahead threads return exactly what a direct read returns, read each tensor once,
+never read what is skipped (shards re-used by --resume), overlap reads where the source
+wants that, within the byte budget, and hand a failed read to the consumer."""
 
 from __future__ import annotations
 
+import threading
+import time
+
+import pytest
 import torch
 
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.convert.prefetch import PrefetchedCheckpoint, Prefetcher
+from k2mini.errors import CheckpointError
 
 
 def test_prefetch_in_order_reads_once(tiny_fixture):
@@ -42,3 +48,73 @@ def test_prefetch_skips_unasked_prefix(tiny_fixture):
     # A name outside the order is read directly.
     inv = next(n for n in ck.tensors if "inv_freq" in n)
     assert torch.equal(PrefetchedCheckpoint(ck, pf).read_raw(inv), ck.read_raw(inv))
+
+
+class SlowSource:
+    """A source whose reads take a while (a round trip), recording how many overlap."""
+
+    def __init__(self, inner, concurrency: int, fail_at: tuple[str, int] | None = None):
+        self.inner = inner
+        self.concurrency = concurrency
+        self.fail_at = fail_at
+        self.lock = threading.Lock()
+        self.in_flight = self.max_in_flight = 0
+        self.started = 0  # bytes of every read begun
+
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+    def read_into(self, rel, offset, buf):
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.started += len(buf)
+        try:
+            time.sleep(0.005)
+            if (rel, offset) == self.fail_at:
+                raise CheckpointError("connection reset", path=rel)
+            self.inner.read_into(rel, offset, buf)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+def test_parallel_read_ahead_overlaps_reads_and_holds_at_most_the_budget(tiny_fixture):
+    ck = Checkpoint.open(tiny_fixture.path)
+    names = [n for n in ck.tensors if "inv_freq" not in n]
+    want = {n: Checkpoint.read_raw(ck, n) for n in names}
+    ck.source = SlowSource(ck.source, concurrency=4)
+    start = ck.source.inner.bytes_read
+    budget = max(ck.info(n).nbytes for n in names)
+    assert ck.total_bytes() > 3 * budget
+    pf = Prefetcher(ck, names, budget=budget)
+    assert pf.workers == 4
+    held = []  # bytes read or being read that the consumer has not taken yet
+    consumed = 0
+    try:
+        for n in names:
+            got = PrefetchedCheckpoint(ck, pf).read_raw(n)
+            assert torch.equal(got.view(torch.uint8), want[n].view(torch.uint8)), n
+            consumed += ck.info(n).nbytes
+            held.append(ck.source.started - consumed)
+            time.sleep(0.002)  # the consumer's own work, during which reads go on
+    finally:
+        pf.close()
+    assert 1 < ck.source.max_in_flight <= 4
+    assert 0 < max(held) <= budget
+    assert ck.source.inner.bytes_read - start == sum(ck.info(n).nbytes for n in names)  # each tensor read once
+
+
+def test_a_failed_read_ahead_reaches_the_consumer_and_close_returns(tiny_fixture):
+    ck = Checkpoint.open(tiny_fixture.path)
+    names = [n for n in ck.tensors if "inv_freq" not in n]
+    bad = ck.info(names[len(names) // 2])
+    ck.source = SlowSource(ck.source, concurrency=3, fail_at=(bad.file, bad.offset))
+    pf = Prefetcher(ck, names)
+    try:
+        with pytest.raises(CheckpointError, match="connection reset"):
+            for n in names:
+                PrefetchedCheckpoint(ck, pf).read_raw(n)
+    finally:
+        pf.close()
+    assert all(not th.is_alive() for th in pf.threads)

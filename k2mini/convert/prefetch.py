@@ -89,76 +89,88 @@ class Prefetcher:
 
     ``get(name)`` returns the tensor as ``Checkpoint.read_raw`` would. Names asked for out
     of order are read directly and move the read-ahead cursor past them, so skipped work
-    (shards re-used by --resume) is never read.
+    (shards re-used by --resume) is never read. ``workers`` threads (the source's
+    ``concurrency`` by default: one for a local disk, several for the Hub, where each read
+    mostly waits on a round trip) read the next tensors at once; the bytes they hold, read
+    and in flight together, stay within ``budget`` (a single tensor larger than the budget
+    is read when nothing else is held).
     """
 
-    def __init__(self, ck: Checkpoint, order: list[str], budget: int | None = None):
+    def __init__(self, ck: Checkpoint, order: list[str], budget: int | None = None, workers: int | None = None):
         self.ck = ck
         self.order = order
         self.pos = {n: i for i, n in enumerate(order)}
         sizes = [ck.info(n).nbytes for n in order]
         self.sizes = sizes
         self.budget = budget if budget is not None else max(sizes, default=0)
+        self.workers = max(1, workers if workers is not None else ck.source.concurrency)
         # Held at once: up to the budget read ahead and the tensor being transformed/written.
         self.arena = RingArena(self.budget + max(sizes, default=0))
         self.ready: dict[int, torch.Tensor] = {}
-        self.ready_bytes = 0
-        self.cursor = 0  # next index the thread reads
+        self.held = 0  # bytes of tensors ready or being read
+        self.cursor = 0  # next index a thread reads
         self.consumed = 0  # reads of indices below this are stale (discarded on arrival)
-        self.reading: int | None = None
+        self.reading: set[int] = set()
         self.error: BaseException | None = None
         self.closed = False
         self.cond = threading.Condition()
-        self.thread: threading.Thread | None = None
+        self.threads: list[threading.Thread] = []
 
     def _run(self) -> None:
         while True:
             with self.cond:
-                while not self.closed and (
+                while not self.closed and self.error is None and (
                     self.cursor >= len(self.order)
-                    or (self.ready_bytes and self.ready_bytes + self.sizes[self.cursor] > self.budget)
+                    or (self.held and self.held + self.sizes[self.cursor] > self.budget)
                 ):
                     self.cond.wait()
-                if self.closed:
+                if self.closed or self.error is not None:
                     return
                 j = self.cursor
                 self.cursor += 1
-                self.reading = j
+                self.reading.add(j)
+                self.held += self.sizes[j]
             try:
                 t = self._read(self.order[j])
             except BaseException as exc:  # handed to the consumer, which raises it
                 with self.cond:
-                    self.error, self.reading = exc, None
+                    self.reading.discard(j)
+                    self.held -= self.sizes[j]
+                    self.error = self.error or exc
                     self.cond.notify_all()
                 return
             with self.cond:
-                self.reading = None
-                if j >= self.consumed:
+                self.reading.discard(j)
+                if j >= self.consumed and not self.closed:
                     self.ready[j] = t
-                    self.ready_bytes += self.sizes[j]
+                else:
+                    self.held -= self.sizes[j]
                 self.cond.notify_all()
 
     def get(self, name: str) -> torch.Tensor | None:
         i = self.pos.get(name)
         if i is None:
             return None
-        if self.thread is None:
+        if not self.threads:
             self.cursor = i
-            self.thread = threading.Thread(target=self._run, name="k2mini-prefetch", daemon=True)
-            self.thread.start()
+            self.threads = [
+                threading.Thread(target=self._run, name=f"k2mini-prefetch-{k}", daemon=True) for k in range(self.workers)
+            ]
+            for th in self.threads:
+                th.start()
         with self.cond:
             for j in [j for j in self.ready if j < i]:
-                self.ready_bytes -= self.sizes[j]
+                self.held -= self.sizes[j]
                 del self.ready[j]
             # Reads of i itself (in flight now) are still wanted; only earlier ones are stale.
             self.consumed = max(self.consumed, i)
-            while i not in self.ready and self.reading == i and self.error is None:
+            while i not in self.ready and i in self.reading and self.error is None:
                 self.cond.wait()
             if self.error is not None:
                 raise self.error
             t = self.ready.pop(i, None)
             if t is not None:
-                self.ready_bytes -= self.sizes[i]
+                self.held -= self.sizes[i]
             elif self.cursor <= i:
                 self.cursor = i + 1
             self.cond.notify_all()
@@ -172,9 +184,10 @@ class Prefetcher:
         with self.cond:
             self.closed = True
             self.ready.clear()
+            self.held = sum(self.sizes[j] for j in self.reading)
             self.cond.notify_all()
-        if self.thread is not None:
-            self.thread.join()
+        for th in self.threads:
+            th.join()
 
 
 class PrefetchedCheckpoint(Checkpoint):
