@@ -2,15 +2,19 @@
 
 Serves a K2-format fixture through tests/hub_server.py (the Hub's resolve / model-info / tree
 endpoints, optional CDN redirect and per-request latency), runs ``k2mini convert-fast`` from
-disk and from the repo id, and prints what crossed the wire. Everything is measured in this run.
+disk and from the repo id, and prints what crossed the wire. With a latency, the Hub runs are
+timed once with one connection and once with the default K2MINI_HUB_CONNECTIONS, and
+``--analyze`` times ``k2mini analyze`` from the repo the same two ways. Everything is measured
+in this run.
 
-    python scripts/bench_hub_fetch.py --layers 12 --experts 32 --keep-layers 3 --keep-experts 4 --latency 0.02
+    python scripts/bench_hub_fetch.py --layers 12 --experts 32 --keep-layers 3 --keep-experts 4 --latency 0.05 --cdn --analyze
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -22,6 +26,7 @@ from huggingface_hub import constants
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from hub_server import FakeHub  # noqa: E402
 
+from k2mini.checkpoint.hub import CONNECTIONS  # noqa: E402
 from k2mini.checkpoint.reader import _HEADER_PROBE, Checkpoint  # noqa: E402
 from k2mini.cli import cli  # noqa: E402
 from k2mini.testing import build_fixture  # noqa: E402
@@ -35,6 +40,7 @@ def main() -> None:
     ap.add_argument("--keep-experts", type=int, default=4)
     ap.add_argument("--latency", type=float, default=0.0, help="seconds the server waits before each answer")
     ap.add_argument("--cdn", action="store_true", help="redirect ranged GETs to a signed-URL origin, as the Hub does")
+    ap.add_argument("--analyze", action="store_true", help="also time analyze (2 samples of 16 tokens) from the repo")
     a = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_hub_"))
@@ -53,12 +59,24 @@ def main() -> None:
         hub.latency, hub.cdn = a.latency, a.cdn
         constants.ENDPOINT = hub.endpoint
         constants.HUGGINGFACE_CO_URL_TEMPLATE = hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
-        constants.HF_HUB_CACHE = str(tmp / "hf_cache")
         constants.HF_HUB_OFFLINE = False
-        t = time.perf_counter()
-        r = CliRunner().invoke(cli, ["convert-fast", "-s", "org/bench", "-o", str(tmp / "hub"), *reduce])
-        assert r.exit_code == 0, r.output
-        hub_s = time.perf_counter() - t
+        timings: dict[str, dict[int, float]] = {"convert-fast": {}, "analyze": {}}
+        for conns in (1, CONNECTIONS) if a.latency else (CONNECTIONS,):
+            os.environ["K2MINI_HUB_CONNECTIONS"] = str(conns)
+            if a.analyze:
+                # A fresh Hub cache per run, so each downloads the small files too.
+                constants.HF_HUB_CACHE = str(tmp / f"hf_cache-analyze-{conns}")
+                t = time.perf_counter()
+                r = CliRunner().invoke(cli, ["analyze", "-s", "org/bench", "-o", str(tmp / f"a-{conns}.json"), "--samples", "2",
+                                             "--seq-len", "16", "--no-plots", "-q"])
+                assert r.exit_code == 0, r.output
+                timings["analyze"][conns] = time.perf_counter() - t
+            constants.HF_HUB_CACHE = str(tmp / f"hf_cache-convert-{conns}")
+            hub.reset_counts()
+            t = time.perf_counter()
+            r = CliRunner().invoke(cli, ["convert-fast", "-s", "org/bench", "-o", str(tmp / f"hub-{conns}"), *reduce])
+            assert r.exit_code == 0, r.output
+            timings["convert-fast"][conns] = time.perf_counter() - t
         s = json.loads(r.output)
         shard_files = [f for f in hub.sent if f.endswith(".safetensors")]
         shard_sent = sum(hub.sent[f] for f in shard_files)
@@ -67,7 +85,7 @@ def main() -> None:
         ranged = sum(1 for _, _, rng in hub.requests if rng)
         same = all(
             (tmp / "disk" / p.name).read_bytes() == p.read_bytes()
-            for p in (tmp / "hub").iterdir()
+            for p in (tmp / f"hub-{CONNECTIONS}").iterdir()
             if p.suffix == ".safetensors" or p.name.endswith(".index.json")
         )
     kept = s["selected_source_bytes"]
@@ -77,7 +95,12 @@ def main() -> None:
     print(f"(shard bytes - header probes {probes:,}) / kept tensor bytes = {(shard_sent - probes) / kept:.3f} "
           "(scoring inputs included)")
     print(f"requests         {len(hub.requests)} ({ranged} ranged), latency {a.latency * 1e3:.0f} ms, cdn {a.cdn}")
-    print(f"time             disk {disk_s:.2f} s, hub {hub_s:.2f} s; shards + index byte-identical: {same}")
+    print(f"output           shards + index byte-identical to the disk run: {same}")
+    print(f"convert-fast     disk {disk_s:.2f} s; " + ", ".join(f"hub with {c} connection(s) {v:.2f} s" for c, v in timings["convert-fast"].items()))
+    for cmd, ts in timings.items():
+        if len(ts) == 2:
+            one, many = ts[1], ts[CONNECTIONS]
+            print(f"{cmd:<16} hub {one:.2f} s with 1 connection, {many:.2f} s with {CONNECTIONS}: {one / many:.1f}x faster")
 
 
 if __name__ == "__main__":

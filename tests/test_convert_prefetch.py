@@ -4,15 +4,15 @@ wants that, within the byte budget, and hand a failed read to the consumer."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 import torch
 
 from k2mini.checkpoint.reader import Checkpoint
-from k2mini.convert.prefetch import PrefetchedCheckpoint, Prefetcher
+from k2mini.checkpoint.prefetch import PrefetchedCheckpoint, Prefetcher
 from k2mini.errors import CheckpointError
+from slow_source import SlowSource
 
 
 def test_prefetch_in_order_reads_once(tiny_fixture):
@@ -48,35 +48,6 @@ def test_prefetch_skips_unasked_prefix(tiny_fixture):
     # A name outside the order is read directly.
     inv = next(n for n in ck.tensors if "inv_freq" in n)
     assert torch.equal(PrefetchedCheckpoint(ck, pf).read_raw(inv), ck.read_raw(inv))
-
-
-class SlowSource:
-    """A source whose reads take a while (a round trip), recording how many overlap."""
-
-    def __init__(self, inner, concurrency: int, fail_at: tuple[str, int] | None = None):
-        self.inner = inner
-        self.concurrency = concurrency
-        self.fail_at = fail_at
-        self.lock = threading.Lock()
-        self.in_flight = self.max_in_flight = 0
-        self.started = 0  # bytes of every read begun
-
-    def __getattr__(self, attr):
-        return getattr(self.inner, attr)
-
-    def read_into(self, rel, offset, buf):
-        with self.lock:
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-            self.started += len(buf)
-        try:
-            time.sleep(0.005)
-            if (rel, offset) == self.fail_at:
-                raise CheckpointError("connection reset", path=rel)
-            self.inner.read_into(rel, offset, buf)
-        finally:
-            with self.lock:
-                self.in_flight -= 1
 
 
 def test_parallel_read_ahead_overlaps_reads_and_holds_at_most_the_budget(tiny_fixture):

@@ -13,7 +13,7 @@ import torch
 
 from k2mini.checkpoint import direct_write, fp8
 from k2mini.checkpoint.direct_write import ALIGN, CHUNK, DirectFile
-from k2mini.convert.prefetch import RingArena
+from k2mini.checkpoint.prefetch import RingArena
 
 # Sizes around the alignment and chunk edges, in pieces of uneven length.
 SIZES = [0, 1, ALIGN - 1, ALIGN, ALIGN + 1, CHUNK - 3, CHUNK, CHUNK + 5, 3 * CHUNK + 12345]

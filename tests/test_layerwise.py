@@ -7,6 +7,7 @@ import torch
 from k2mini.checkpoint.names import Role
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.model.layerwise import LayerObserver, read_rows, stream_forward
+from slow_source import SlowSource
 
 # float32 everywhere; different matmul blocking (fused gate_up vs separate) moves the last bits.
 TOL = 1e-4
@@ -108,6 +109,18 @@ def test_unrouted_experts_are_never_read(tiny_fixture, monkeypatch):
     row = ck.tensors["model.embed_tokens.weight"].nbytes // tiny_fixture.config["vocab_size"]
     assert fetched == wanted + head + 2 * row or fetched == wanted + head + row
     assert fetched < ck.total_bytes() - expert_bytes / 4
+
+
+def test_expert_reads_overlap_where_the_source_wants_it_and_change_nothing(tiny_fixture):
+    # Headers are read at open; after that only the expert loop reads ahead, so any overlap
+    # seen during the forward pass is the runner's read-ahead.
+    ids = _ids(tiny_fixture.config["vocab_size"])
+    plain = stream_forward(Checkpoint.open(tiny_fixture.path), ids)
+    ck = Checkpoint.open(tiny_fixture.path)
+    ck.source = SlowSource(ck.source, concurrency=4)
+    ahead = stream_forward(ck, ids)
+    assert 1 < ck.source.max_in_flight <= 4
+    assert torch.equal(ahead.logits, plain.logits)
 
 
 def test_layer_subset_matches_transformers_without_those_layers(tiny_fixture):

@@ -23,7 +23,7 @@ from k2mini.checkpoint.reader import INDEX_FILE, Checkpoint
 from k2mini.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, WriteUnit, planned_bytes, write_file, write_sharded
 from k2mini.convert.card import model_card
 from k2mini.convert.config import fixed_config
-from k2mini.convert.prefetch import PrefetchedCheckpoint, Prefetcher
+from k2mini.checkpoint.prefetch import PrefetchedCheckpoint, Prefetcher, raw_read_order
 from k2mini.convert.transforms import TensorJob, Transform, selected_bytes
 from k2mini.errors import CheckpointError
 from k2mini.model.spec import ModelSpec
@@ -76,16 +76,8 @@ def plan_jobs(ck: Checkpoint, plan: Plan) -> list[TensorJob]:
 
 
 def _read_order(ck: Checkpoint, jobs: list[TensorJob]) -> list[str]:
-    # The order the transforms ask for raw tensors: each weight, then its scale grid.
-    order = []
-    for j in jobs:
-        if j.rows is None:
-            for name in _sources(j):
-                order.append(name)
-                s = ck.scale_of(name) if ck.info(name).dtype == "F8_E4M3" else None
-                if s is not None:
-                    order.append(s.name)
-    return order
+    # The order the transforms ask for raw tensors (row slices are read directly).
+    return raw_read_order(ck, (name for j in jobs if j.rows is None for name in _sources(j)))
 
 
 def _sources(job: TensorJob) -> list[str]:

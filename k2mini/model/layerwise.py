@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from k2mini.checkpoint.prefetch import PrefetchedCheckpoint, Prefetcher, raw_read_order
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.errors import UsageError
 from k2mini.model.hf import hf_config
@@ -398,24 +399,33 @@ class LayerwiseRunner:
         flat_out = out.flat()
         hit = list(range(gate_rows)) if obs.needs_every_expert(layer) else torch.unique(idx).tolist()
         self.experts_read[layer] = hit
-        for e in hit:
-            # Same token order as transformers' DeepseekV3Experts: by top-k slot, then token.
-            kpos, tok = torch.where((idx == e).T)
-            ep = f"{prefix}experts.{e}."
-            wg = self.ck.read(ep + "gate_proj.weight").to(self.dtype)
-            wu = self.ck.read(ep + "up_proj.weight").to(self.dtype)
-            wd = self.ck.read(ep + "down_proj.weight").to(self.dtype)
-            obs.expert_weights(layer, e, wg, wu, wd)
-            for c0 in range(0, tok.numel(), _EXPERT_CHUNK):
-                t = tok[c0 : c0 + _EXPERT_CHUNK]
-                g = weight[t, kpos[c0 : c0 + _EXPERT_CHUNK]]
-                x = x_flat[t].to(self.dtype)
-                f = F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
-                obs.expert_output(layer, e, t, g, f)
-                # A token picks an expert at most once, so ``t`` has no repeats and a plain
-                # gather-add-scatter is exact (index_add_ was far slower on CPU).
-                flat_out[t] = flat_out[t] + (f * g[:, None].to(f.dtype)).float()
-            del wg, wu, wd
+        names = [f"{prefix}experts.{e}.{p}.weight" for e in hit for p in ("gate_proj", "up_proj", "down_proj")]
+        # The next experts are read while this one computes: a few tensors ahead, more where
+        # the source wants reads in flight (Hub round trips), never the whole layer.
+        largest = max((self.ck.info(n).nbytes for n in names), default=0)
+        prefetcher = Prefetcher(self.ck, raw_read_order(self.ck, names), budget=(self.ck.source.concurrency + 2) * largest)
+        ck = PrefetchedCheckpoint(self.ck, prefetcher)
+        try:
+            for e in hit:
+                # Same token order as transformers' DeepseekV3Experts: by top-k slot, then token.
+                kpos, tok = torch.where((idx == e).T)
+                ep = f"{prefix}experts.{e}."
+                wg = ck.read(ep + "gate_proj.weight").to(self.dtype)
+                wu = ck.read(ep + "up_proj.weight").to(self.dtype)
+                wd = ck.read(ep + "down_proj.weight").to(self.dtype)
+                obs.expert_weights(layer, e, wg, wu, wd)
+                for c0 in range(0, tok.numel(), _EXPERT_CHUNK):
+                    t = tok[c0 : c0 + _EXPERT_CHUNK]
+                    g = weight[t, kpos[c0 : c0 + _EXPERT_CHUNK]]
+                    x = x_flat[t].to(self.dtype)
+                    f = F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+                    obs.expert_output(layer, e, t, g, f)
+                    # A token picks an expert at most once, so ``t`` has no repeats and a plain
+                    # gather-add-scatter is exact (index_add_ was far slower on CPU).
+                    flat_out[t] = flat_out[t] + (f * g[:, None].to(f.dtype)).float()
+                del wg, wu, wd
+        finally:
+            prefetcher.close()
         return out
 
 

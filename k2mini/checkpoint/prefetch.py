@@ -1,6 +1,7 @@
-"""Read the next source tensor while the current one is transformed and written.
+"""Read the next source tensors while the current one is used (transformed and written by
+convert, multiplied by analyze's layerwise runner).
 
-Reading (disk or network) and writing/dequantizing then overlap instead of alternating.
+Reading (disk or network) and computing then overlap instead of alternating.
 At most ``budget`` bytes are held ahead (the largest single tensor by default), so peak
 memory stays about two tensors whatever the model size. Large tensors are read (and
 dequantized) into reused buffers (``RingArena``) rather than fresh allocations.
@@ -12,6 +13,7 @@ import math
 import threading
 import weakref
 from collections import deque
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -82,6 +84,17 @@ class RingArena:
             slot[2] = True
             while self.live and self.live[0][2]:
                 self.live.popleft()
+
+
+def raw_read_order(ck: Checkpoint, names: Iterable[str]) -> list[str]:
+    """The raw reads ``ck.read`` makes for ``names``, in order: each weight, then its scale grid if FP8."""
+    order = []
+    for name in names:
+        order.append(name)
+        s = ck.scale_of(name) if ck.info(name).dtype == "F8_E4M3" else None
+        if s is not None:
+            order.append(s.name)
+    return order
 
 
 class Prefetcher:
