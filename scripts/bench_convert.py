@@ -236,7 +236,10 @@ def fixture(base: Path, layers: int) -> Path:
 
 def bench(src: Path, base: Path, experts: int) -> dict:
     size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-    res = {"fixture": str(src), "fixture_bytes": size, "reads": [run_child("read", src, experts)]}
+    # Not counted: the first cold read of a run was at times 1.6-3x slower than the next
+    # ones, with 3-7x their CPU time (2.22 s / 1.8 s CPU, then 1.24 s / 0.7 s).
+    warm_up = run_child("read", src, experts)
+    res = {"fixture": str(src), "fixture_bytes": size, "warm_up_read": warm_up, "reads": [run_child("read", src, experts)]}
     for dtype in ("fp8", "bf16"):
         out = base / f"out-{dtype}"
         shutil.rmtree(out, ignore_errors=True)
@@ -299,7 +302,8 @@ def main() -> None:
         reads = r["reads"]
         print(f"{r['fixture']} ({r['fixture_bytes'] / 1e9:.2f} GB), experts kept {args.experts}/8")
         print(f"  plain sequential read of the selected {reads[0]['bytes'] / 1e9:.2f} GB (cold cache): "
-              + "; ".join(f"{w} {_rate(m)}" for w, m in zip(("first", "after fp8", "after bf16"), reads)))
+              + "; ".join(f"{w} {_rate(m)}" for w, m in zip(("first", "after fp8", "after bf16"), reads))
+              + f" (a warm-up read before them, not counted: {_rate(r['warm_up_read'])})")
         for dtype in ("fp8", "bf16"):
             c = r[dtype]
             ok = "OK" if c["ratio_vs_plain_read"] <= targets[dtype] else "MISSED"
@@ -316,6 +320,9 @@ def main() -> None:
                   f"read {rw['read_seconds']:.2f} s, write {rw['write_seconds']:.2f} s, {rw['bytes'] / rw['seconds'] / 1e6:.0f} MB/s "
                   f"both ways together); convert / that = {c['ratio_vs_read_write_at_once']:.2f}x; "
                   f"that / plain read = {rw['seconds'] / c['plain_read_seconds']:.2f}x (the least ratio any convert can reach here)")
+            if rw["seconds"] / c["plain_read_seconds"] > targets[dtype]:
+                print(f"    the {targets[dtype]}x target is out of reach on this disk in this run: merely reading and writing "
+                      f"these bytes at once took {rw['seconds'] / c['plain_read_seconds']:.2f}x the plain read")
             print(f"    peak RSS {c['peak_rss'] / 1e6:.0f} MB vs bound {c['rss_bound'] / 1e6:.0f} MB "
                   f"(2 x largest tensor {c['largest_tensor'] / 1e6:.0f} MB + 500 MB): {rss_ok}; {c['rss_after_imports'] / 1e6:.0f} MB of it "
                   "is the process after imports")
