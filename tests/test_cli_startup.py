@@ -1,4 +1,4 @@
-"""Start-up cost: help and inspect import no ML stack they do not use; commands that need
+"""Start-up cost: help and inspect import no ML library (inspect reads headers only); commands that need
 one still find it (convert --dtype int4 registers the integer transform on demand)."""
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ def test_help_pages_import_no_ml_stack():
     assert heavy == []
 
 
-def test_inspect_reads_headers_without_transformers(tiny_fixture):
+def test_inspect_reads_headers_without_any_ml_library(tiny_fixture):
     codes, heavy, stdout, out = _run(["inspect", tiny_fixture.path, "--json"])
     assert codes == [0], out
     assert json.loads(stdout)["params"] == ModelSpec.from_config(tiny_fixture.config).param_count()
-    assert not {"transformers", "compressed_tensors", "accelerate"} & set(heavy)
+    assert heavy == []
 
 
 def test_convert_int4_works_in_a_fresh_process(tiny_fixture, tmp_path):

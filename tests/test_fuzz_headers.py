@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from k2mini.checkpoint.reader import INDEX_FILE, Checkpoint
-from k2mini.checkpoint.safetensors_format import DTYPES, PlannedTensor, encode_header
+from k2mini.checkpoint.safetensors_format import ITEMSIZE, PlannedTensor, encode_header
 from k2mini.checkpoint.source import LocalSource
 from k2mini.errors import CheckpointError
 from k2mini.model.spec import ModelSpec
@@ -126,7 +126,7 @@ names = st.one_of(
     st.sampled_from(["model.norm.weight", "lm_head.weight", "__metadata__", "", "model.layers." + "9" * 5000 + ".x"]),
     st.text(max_size=20),
 )
-dtypes = st.one_of(st.sampled_from(sorted(DTYPES)), st.sampled_from(["F4", "f32", "", "I128"]), junk)
+dtypes = st.one_of(st.sampled_from(sorted(ITEMSIZE)), st.sampled_from(["F4", "f32", "", "I128"]), junk)
 shapes = st.one_of(st.lists(st.integers(0, 40), max_size=3), st.lists(ints, max_size=10), junk)
 offsets = st.one_of(st.lists(ints, min_size=2, max_size=2), st.lists(ints, max_size=4), junk)
 entries = st.fixed_dictionaries({}, optional={"dtype": dtypes, "shape": shapes, "data_offsets": offsets})

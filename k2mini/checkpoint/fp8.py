@@ -19,25 +19,8 @@ import numba
 import numpy as np
 import torch
 
+from k2mini.checkpoint.fp8_grid import BLOCK, FP8_MAX, check_scale_grid, scale_grid_shape
 from k2mini.errors import CheckpointError
-
-BLOCK = 128
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
-def scale_grid_shape(shape: tuple[int, ...], block: int = BLOCK) -> tuple[int, int]:
-    rows, cols = shape
-    return (-(-rows // block), -(-cols // block))
-
-
-def check_scale_grid(name: str, weight_shape: tuple[int, ...], scale_shape: tuple[int, ...], block: int = BLOCK) -> None:
-    if len(weight_shape) != 2:
-        raise CheckpointError(f"FP8 weight {name} has shape {list(weight_shape)}; only 2-D block-scaled weights are supported")
-    expected = scale_grid_shape(weight_shape, block)
-    if tuple(scale_shape) != expected:
-        raise CheckpointError(
-            f"scale grid of {name} is {list(scale_shape)} but a {list(weight_shape)} weight with {block}x{block} blocks needs {list(expected)}"
-        )
 
 
 def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from k2mini.checkpoint.reader import Checkpoint
-from k2mini.checkpoint.safetensors_format import DTYPES
+from k2mini.checkpoint.safetensors_format import torch_dtype
 
 # Below this, tensors come from malloc's heap, which reuses freed memory anyway (and a
 # scale grid of a few KB is not worth a slot).
@@ -191,7 +191,7 @@ class Prefetcher:
 
     def _read(self, name: str) -> torch.Tensor:
         info = self.ck.info(name)
-        return Checkpoint.read_raw(self.ck, name, out=self.arena.empty(info.shape, DTYPES[info.dtype][0]))
+        return Checkpoint.read_raw(self.ck, name, out=self.arena.empty(info.shape, torch_dtype(info.dtype)))
 
     def close(self) -> None:
         with self.cond:

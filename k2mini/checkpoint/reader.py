@@ -13,15 +13,16 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from k2mini.checkpoint import fp8
+from k2mini.checkpoint.fp8_grid import scale_grid_shape
 from k2mini.checkpoint.names import TensorName, parse_name, scale_name
-from k2mini.checkpoint.safetensors_format import DTYPES, load_json_object, parse_header, read_header_length, show_name
+from k2mini.checkpoint.safetensors_format import load_json_object, parse_header, read_header_length, show_name, torch_dtype
 from k2mini.checkpoint.source import Source, check_relative
 from k2mini.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -156,8 +157,8 @@ class Checkpoint:
                     self.problems.append(Problem("orphan_scale", name, t.file, f"{show_name(name)} in {show_name(t.file)} has no weight {show_name(t.parsed.weight_name)}"))
                 elif t.dtype != "F32":
                     self.problems.append(Problem("scale_dtype", name, t.file, f"{show_name(name)} in {show_name(t.file)} is {t.dtype}, expected F32"))
-                elif len(w.shape) != 2 or t.shape != fp8.scale_grid_shape(w.shape):
-                    expected = list(fp8.scale_grid_shape(w.shape)) if len(w.shape) == 2 else "a 2-D weight"
+                elif len(w.shape) != 2 or t.shape != scale_grid_shape(w.shape):
+                    expected = list(scale_grid_shape(w.shape)) if len(w.shape) == 2 else "a 2-D weight"
                     self.problems.append(
                         Problem("scale_shape", name, t.file, f"{show_name(name)} in {show_name(t.file)} is {list(t.shape)} but weight {list(w.shape)} needs {expected}")
                     )
@@ -190,10 +191,12 @@ class Checkpoint:
 
     def read_raw(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor exactly as stored (FP8 stays FP8); into ``out`` (its dtype and shape, contiguous) when given."""
+        import torch  # only with tensor data: opening and planning need none (see torch_dtype)
+
         t = self.info(name)
         if out is None:
-            out = torch.empty(t.shape, dtype=DTYPES[t.dtype][0])
-        elif out.dtype != DTYPES[t.dtype][0] or tuple(out.shape) != t.shape or not out.is_contiguous():
+            out = torch.empty(t.shape, dtype=torch_dtype(t.dtype))
+        elif out.dtype != torch_dtype(t.dtype) or tuple(out.shape) != t.shape or not out.is_contiguous():
             raise ValueError(f"{name}: out is {out.dtype}{list(out.shape)}, the tensor is {t.dtype}{list(t.shape)}")
         if t.nbytes:
             self.source.read_into(t.file, t.offset, memoryview(out.view(-1).view(torch.uint8).numpy()))
@@ -206,10 +209,10 @@ class Checkpoint:
         where = f"{self.description}/{t.file}"
         if s is None:
             raise CheckpointError(f"FP8 weight {name} has no {scale_name_or_none(name)}", path=where)
-        if len(t.shape) != 2 or s.shape != fp8.scale_grid_shape(t.shape) or s.dtype != "F32":
+        if len(t.shape) != 2 or s.shape != scale_grid_shape(t.shape) or s.dtype != "F32":
             raise CheckpointError(
                 f"scale grid {s.name} is {s.dtype}{list(s.shape)} but weight {name} {list(t.shape)} needs F32"
-                f"{list(fp8.scale_grid_shape(t.shape)) if len(t.shape) == 2 else ''}",
+                f"{list(scale_grid_shape(t.shape)) if len(t.shape) == 2 else ''}",
                 path=f"{self.description}/{s.file}",
             )
         return self.read_raw(name), self.read_raw(s.name)
@@ -217,6 +220,8 @@ class Checkpoint:
     def read(self, name: str) -> torch.Tensor:
         """The tensor for computation: FP8 weights dequantized to BF16, others as stored."""
         if self.is_fp8(name):
+            from k2mini.checkpoint import fp8  # numba's 0.4 s import, with the first FP8 weight
+
             w, s = self.read_fp8(name)
             return fp8.dequantize(w, s, out=self._dequant_buffer(tuple(w.shape)))
         return self.read_raw(name)

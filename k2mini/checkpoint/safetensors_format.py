@@ -18,10 +18,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from k2mini.checkpoint.direct_write import DirectFile
 from k2mini.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 # Upper bound on the JSON header. The real K2 shards have headers well under 1 MB; the
 # Rust library uses 100 MB. A larger declared length is corruption or an attack.
@@ -29,22 +32,37 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_RANK = 8
 _ALIGN = 8
 
-# safetensors dtype tag -> (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
+# safetensors dtype tag -> (torch dtype name, bytes per element)
+_TAGS = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
 }
-TORCH_TO_TAG = {dt: tag for tag, (dt, _) in DTYPES.items()}
+ITEMSIZE = {tag: size for tag, (_, size) in _TAGS.items()}
+
+
+def torch_dtype(tag: str) -> torch.dtype:
+    # torch is imported with the first tensor, not with the module: reading headers
+    # (inspect, planning) needs none of its 2 s and 300 MB.
+    import torch
+
+    return getattr(torch, _TAGS[tag][0])
+
+
+def dtype_tag(dtype: torch.dtype) -> str | None:
+    """The safetensors tag of a torch dtype, None for one safetensors cannot store."""
+    import torch
+
+    return next((tag for tag, (name, _) in _TAGS.items() if getattr(torch, name) == dtype), None)
 
 
 @dataclass(frozen=True)
@@ -162,7 +180,7 @@ def _parse_entry(name: str, spec: object, where: str) -> HeaderEntry:
     if not isinstance(spec, dict):
         raise CheckpointError(f"tensor {name_s}: header entry is not an object", path=where)
     dtype = spec.get("dtype")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
         raise CheckpointError(f"tensor {name_s}: unknown dtype {_short(dtype)}", path=where)
     shape = spec.get("shape")
     if (
@@ -179,7 +197,7 @@ def _parse_entry(name: str, spec: object, where: str) -> HeaderEntry:
         or offsets[0] > offsets[1]
     ):
         raise CheckpointError(f"tensor {name_s}: invalid data_offsets {_short(offsets)}", path=where)
-    expected = math.prod(shape) * DTYPES[dtype][1]
+    expected = math.prod(shape) * ITEMSIZE[dtype]
     if offsets[1] - offsets[0] != expected:
         raise CheckpointError(
             f"tensor {name_s}: data_offsets span {offsets[1] - offsets[0]} bytes but {dtype}{shape} needs {expected}",
@@ -198,7 +216,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype][1]
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
 
 
 def encode_header(tensors: Iterable[PlannedTensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -215,6 +233,8 @@ def encode_header(tensors: Iterable[PlannedTensor], metadata: dict[str, str] | N
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor, without a copy when it is contiguous."""
+    import torch  # see torch_dtype
+
     t = t.detach().contiguous().cpu()
     if t.numel() == 0:
         return memoryview(b"")
@@ -249,7 +269,7 @@ def write_shard(
 
 
 def _write_tensor(f: DirectFile, planned: PlannedTensor, t: torch.Tensor) -> int:
-    tag = TORCH_TO_TAG.get(t.dtype)
+    tag = dtype_tag(t.dtype)
     if tag != planned.dtype or tuple(t.shape) != planned.shape:
         raise ValueError(f"{planned.name}: planned {planned.dtype}{list(planned.shape)}, got {tag}{list(t.shape)}")
     buf = tensor_bytes(t)

@@ -30,7 +30,7 @@ import torch
 from k2mini.checkpoint import fp8
 from k2mini.checkpoint.names import scale_name
 from k2mini.checkpoint.reader import Checkpoint
-from k2mini.checkpoint.safetensors_format import DTYPES, PlannedTensor
+from k2mini.checkpoint.safetensors_format import PlannedTensor, torch_dtype
 from k2mini.errors import UsageError
 from k2mini.model.fp8_layout import hf_module, is_skipped, modules_to_not_convert
 from k2mini.model.spec import ModelSpec
@@ -57,7 +57,7 @@ def read_selected(ck: Checkpoint, job: TensorJob) -> torch.Tensor:
         return ck.read_raw(job.source)
     t = ck.info(job.source)
     row_bytes = t.nbytes // t.shape[0] if t.shape[0] else 0
-    out = torch.empty((len(job.rows), *t.shape[1:]), dtype=DTYPES[t.dtype][0])
+    out = torch.empty((len(job.rows), *t.shape[1:]), dtype=torch_dtype(t.dtype))
     flat = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
     for i, r in enumerate(job.rows):
         ck.source.read_into(t.file, t.offset + r * row_bytes, flat[i * row_bytes : (i + 1) * row_bytes])
@@ -114,7 +114,7 @@ class Bf16Transform(Transform):
 
     def produce(self, ck, job):
         if job.merge:
-            return (merged_weight(ck, job).to(DTYPES[self.plan(ck, job)[0].dtype][0]),)
+            return (merged_weight(ck, job).to(torch_dtype(self.plan(ck, job)[0].dtype)),)
         if ck.is_fp8(job.source):
             if job.rows is not None:
                 raise ValueError(f"{job.source}: row selection of an FP8 weight is not supported")

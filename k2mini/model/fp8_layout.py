@@ -35,7 +35,7 @@ from dataclasses import replace
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from k2mini.checkpoint.fp8 import BLOCK
+from k2mini.checkpoint.fp8_grid import BLOCK
 
 if TYPE_CHECKING:
     from k2mini.model.spec import ModelSpec

@@ -166,9 +166,9 @@ def read_rows(ck: Checkpoint, name: str, rows: torch.Tensor | slice) -> torch.Te
     if ck.is_fp8(name):  # never the case in K2/DeepSeek exports; correct, just not lazy
         full = ck.read(name)
         return full[rows].clone()
-    from k2mini.checkpoint.safetensors_format import DTYPES
+    from k2mini.checkpoint.safetensors_format import ITEMSIZE, torch_dtype
 
-    dtype, itemsize = DTYPES[info.dtype]
+    dtype, itemsize = torch_dtype(info.dtype), ITEMSIZE[info.dtype]
     row_bytes = math.prod(info.shape[1:]) * itemsize
 
     def span(r0: int, r1: int) -> torch.Tensor:

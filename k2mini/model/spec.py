@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from k2mini.checkpoint.fp8 import scale_grid_shape
+from k2mini.checkpoint.fp8_grid import scale_grid_shape
 from k2mini.checkpoint.names import Role, parse_name, scale_name
 from k2mini.errors import CheckpointError
 from k2mini.model.fp8_layout import hf_module, is_skipped
