@@ -367,12 +367,6 @@ class HubSource:
                 if failures:
                     self._sleep(failures)
 
-    def close(self) -> None:
-        with self._lock:
-            pool, self._piece_pool = self._piece_pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
-
     def _location(self, rel: str) -> str | None:
         with self._lock:
             hit = self._locations.get(rel)

@@ -17,7 +17,6 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from k2mini.checkpoint.direct_write import DirectFile
