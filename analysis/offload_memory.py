@@ -48,7 +48,7 @@ def main(src: Path, budget_experts: int, full: bool) -> None:
     budget = budget_experts * one
     transient = 2 * (fp8_bytes + one + (2 * one) // 3)
     results = {}
-    for label, args in (("offload", ["--offload", "--budget", str(budget)]),
+    for label, args in (("offload", ["--offload", "--budget", str(budget), "--prefetch"]),
                         ("offload_prefetch_off", ["--offload", "--budget", str(budget), "--no-prefetch"])):
         r = _run(src, args)
         m = r["memory"]

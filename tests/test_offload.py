@@ -147,6 +147,15 @@ def test_cli_run_matches_transformers_generate(tiny_fixture):
     assert st["lookups"] == st["device_hits"] + st["host_hits"] + st["disk_reads"]
     assert rep["memory"]["peak_device_tier_bytes"] <= 20_000
     assert st["bytes_read_per_token"] > 0
+    # On CPU prefetch is off unless asked for (it measured slower there); asked for, it runs
+    # and the tokens are the same.
+    assert rep["prefetch"] is False and st["prefetch_issued"] == 0
+    r = CliRunner().invoke(cli, ["run", str(tiny_fixture.path), "--offload", "--budget", "20KB", "--dtype", "fp32",
+                                 "--prompt", prompt, "--max-new-tokens", "4", "--json", "-q", "--prefetch"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["prefetch"] is True and rep["offload_stats"]["prefetch_issued"] > 0
+    assert rep["token_ids"] == ref
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -35,8 +35,10 @@ def _detok(tok, ids: list[int]) -> str:
 @click.option("--budget", default=None, help="Bytes of dequantized experts the device may hold (with --offload), e.g. 60GB, 512MiB.")
 @click.option("--host-budget", default="0", show_default=True,
               help="Bytes of FP8 experts kept in host memory (second tier, with --offload).")
-@click.option("--prefetch/--no-prefetch", default=True, show_default=True,
-              help="Guess the next layer's experts with its router and read them in the background.")
+@click.option("--prefetch/--no-prefetch", default=None,
+              help="Guess the next layer's experts with its router and read them in the background "
+                   "(default: on for CUDA, off on CPU, where it cost 8-26% of tokens/s at 5 of 6 budgets: "
+                   "analysis/offload_curve.md).")
 @click.option("--prompt", default=None, help="Prompt text.")
 @click.option("--file", "file_", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Read the prompt from a file.")
 @click.option("--max-new-tokens", default=32, show_default=True, type=int)
@@ -84,6 +86,9 @@ def run_cmd(src, offload, budget, host_budget, prefetch, prompt, file_, max_new_
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available here")
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    # On CPU the background reads and dequantization compete with the forward pass for the
+    # same cores; on a GPU they overlap with it (not measured yet: no GPU in our runs).
+    prefetch = dev.type == "cuda" if prefetch is None else prefetch
 
     ck = Checkpoint.open(src)
     tok = load_tokenizer(ck)
@@ -104,7 +109,7 @@ def run_cmd(src, offload, budget, host_budget, prefetch, prompt, file_, max_new_
     read0 = ck.source.bytes_read
     res = decode(model, ids, max_new_tokens=max_new_tokens)
     report = {
-        "source": ck.description, "device": str(dev), "dtype": dtype, "offload": offload,
+        "source": ck.description, "device": str(dev), "dtype": dtype, "offload": offload, "prefetch": offload and prefetch,
         "prompt_tokens": len(ids), "new_tokens": len(res.tokens), "text": _detok(tok, res.tokens), "token_ids": res.tokens,
         "load_seconds": round(load_s, 3), "prefill_seconds": round(res.prefill_seconds, 4),
         "decode_tokens_per_second": round(res.tokens_per_second, 3),
