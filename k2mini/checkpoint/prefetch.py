@@ -1,10 +1,11 @@
 """Read the next source tensors while the current one is used (transformed and written by
 convert, multiplied by analyze's layerwise runner).
 
-Reading (disk or network) and computing then overlap instead of alternating.
-At most ``budget`` bytes are held ahead (the largest single tensor by default), so peak
-memory stays about two tensors whatever the model size. Large tensors are read (and
-dequantized) into reused buffers (``RingArena``) rather than fresh allocations.
+Reading (disk or network) and computing then overlap instead of alternating. At most
+``budget`` bytes are held, counting the tensor in use (by default the largest tensor, up to
+``READ_AHEAD``), so peak memory stays within about one largest tensor plus two budgets
+whatever the model size. Tensors are read (and dequantized) into reused buffers
+(``RingArena``) rather than fresh allocations.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ from k2mini.checkpoint.safetensors_format import torch_dtype
 # Below this, tensors come from malloc's heap, which reuses freed memory anyway (and a
 # scale grid of a few KB is not worth a slot).
 ARENA_MIN_BYTES = 1 << 20
+# The default read-ahead budget's ceiling: enough to keep a disk or 8 Hub connections busy
+# (17 of K2's 14.7 MB FP8 expert weights). Not the largest tensor when that is huge: the
+# reused buffer is twice the budget and all of it ends up resident as the ring cycles, so a
+# budget of K2's 2.35 GB embedding made a K2 24x16 convert peak at 5.27 GB
+# (scripts/bench_k2_scale.py).
+READ_AHEAD = 256 << 20
 
 
 class RingArena:
@@ -104,9 +111,11 @@ class Prefetcher:
     of order are read directly and move the read-ahead cursor past them, so skipped work
     (shards re-used by --resume) is never read. ``workers`` threads (the source's
     ``concurrency`` by default: one for a local disk, several for the Hub, where each read
-    mostly waits on a round trip) read the next tensors at once; the bytes they hold, read
-    and in flight together, stay within ``budget`` (a single tensor larger than the budget
-    is read when nothing else is held).
+    mostly waits on a round trip) read the next tensors at once; the bytes held, read, in
+    flight and the tensor last handed out together, stay within ``budget`` (a tensor larger
+    than the budget is read when nothing else is held: by the consumer itself, when it asks
+    for it, so that two such tensors, K2's 2.35 GB embedding and lm_head, are never held at
+    once).
     """
 
     def __init__(self, ck: Checkpoint, order: list[str], budget: int | None = None, workers: int | None = None):
@@ -115,12 +124,18 @@ class Prefetcher:
         self.pos = {n: i for i, n in enumerate(order)}
         sizes = [ck.info(n).nbytes for n in order]
         self.sizes = sizes
-        self.budget = budget if budget is not None else max(sizes, default=0)
+        self.budget = budget if budget is not None else min(max(sizes, default=0), READ_AHEAD)
         self.workers = max(1, workers if workers is not None else ck.source.concurrency)
-        # Held at once: up to the budget read ahead and the tensor being transformed/written.
-        self.arena = RingArena(self.budget + max(sizes, default=0))
+        # Held at once: the budget, or one tensor larger than it (which then comes from a fresh
+        # allocation, returned to the system when dropped). Twice the budget leaves the ring
+        # room to place a tensor while older ones are still being freed.
+        self.arena = RingArena(2 * self.budget)
         self.ready: dict[int, torch.Tensor] = {}
-        self.held = 0  # bytes of tensors ready or being read
+        self.held = 0  # bytes of tensors ready, being read, or in the consumer's hands (in_use)
+        # The tensor last handed out: the consumer works on it until it asks for the next one.
+        # Counting it keeps two of the largest tensors from being held at once (K2's
+        # lm_head and embedding, 2.35 GB each, are written one after the other).
+        self.in_use = 0
         self.cursor = 0  # next index a thread reads
         self.consumed = 0  # reads of indices below this are stale (discarded on arrival)
         self.reading: set[int] = set()
@@ -172,6 +187,8 @@ class Prefetcher:
             for th in self.threads:
                 th.start()
         with self.cond:
+            self.held -= self.in_use
+            self.in_use = 0
             for j in [j for j in self.ready if j < i]:
                 self.held -= self.sizes[j]
                 del self.ready[j]
@@ -182,10 +199,10 @@ class Prefetcher:
             if self.error is not None:
                 raise self.error
             t = self.ready.pop(i, None)
-            if t is not None:
-                self.held -= self.sizes[i]
-            elif self.cursor <= i:
-                self.cursor = i + 1
+            if t is None:
+                self.held += self.sizes[i]  # read below, by the consumer
+                self.cursor = max(self.cursor, i + 1)
+            self.in_use = self.sizes[i]
             self.cond.notify_all()
         return t if t is not None else self._read(name)
 
