@@ -197,17 +197,9 @@ def child_convert(src: str, out: str, experts: int, dtype: str) -> dict:
     import json as _j
 
     idx = _j.loads((Path(out) / "model.safetensors.index.json").read_text())
-    largest = 0
-    from safetensors import safe_open
+    from k2mini.checkpoint.reader import Checkpoint
 
-    for f in sorted(set(idx["weight_map"].values())):
-        with safe_open(Path(out) / f, "pt") as so:
-            for k in so.keys():
-                sl = so.get_slice(k)
-                n = 1
-                for d in sl.get_shape():
-                    n *= d
-                largest = max(largest, n * {"BF16": 2, "F32": 4, "F8_E4M3": 1}[sl.get_dtype()])
+    largest = max(t.nbytes for t in Checkpoint.open(out).tensors.values())  # from the headers
     shard_sizes = [(Path(out) / f).stat().st_size for f in sorted(set(idx["weight_map"].values()))]
     return {"seconds": wall, "cpu_seconds": cpu.user + cpu.system - cpu0.user - cpu0.system, "shard_sizes": shard_sizes, "peak_rss": _vm_hwm(), "rss_after_imports": rss_before, "largest_tensor": largest, "written": s["total_size"],
             "selected": s["selected_source_bytes"], "bytes_read": s["bytes_read"]}

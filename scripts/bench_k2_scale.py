@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from k2mini.checkpoint.reader import Checkpoint
 from k2mini.checkpoint.safetensors_format import PlannedTensor, encode_header
 from k2mini.model.spec import ModelSpec
 
@@ -108,17 +109,7 @@ def main() -> None:
     conv = run([*reduce, "--no-progress"])
     s = conv["report"]
     written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    from safetensors import safe_open
-
-    largest = 0
-    for f in sorted(out.glob("*.safetensors")):
-        with safe_open(f, "pt") as so:
-            for k in so.keys():
-                sl = so.get_slice(k)
-                n = 1
-                for d in sl.get_shape():
-                    n *= d
-                largest = max(largest, n * {"BF16": 2, "F32": 4, "F8_E4M3": 1}[sl.get_dtype()])
+    largest = max(t.nbytes for t in Checkpoint.open(out).tensors.values())  # from the headers
     bound = 2 * largest + 500 * 10**6
     print(f"convert-fast --dtype fp8: {conv['seconds']:.1f} s, peak RSS {conv['peak_rss'] / 1e6:.0f} MB "
           f"(bound 2 x largest tensor {largest / 1e6:.0f} MB + 500 MB = {bound / 1e6:.0f} MB: "
