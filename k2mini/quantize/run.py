@@ -98,7 +98,8 @@ def quantize_checkpoint(
     aux = aux_files(ck)
     out_cfg = transform.config(ck.config)
     cfg = (json.dumps(out_cfg, indent=2) + "\n").encode()
-    card = reduced_model_card(ck, out_cfg, sum(u.nbytes for u in units))
+    total = sum(u.nbytes for u in units)
+    card = reduced_model_card(ck, out_cfg, total)
     if card is not None:
         aux.remove("README.md")
     need = planned_bytes(units, max_shard_bytes) + sum(ck.source.size(f) for f in aux) + 2**20
@@ -108,7 +109,6 @@ def quantize_checkpoint(
         write_file(od.partial / "config.json", cfg)
         if card is not None:
             write_file(od.partial / "README.md", card.encode())
-        total = sum(u.nbytes for u in units)
         with tqdm(total=total, unit="B", unit_scale=True, desc="quantize", disable=not progress, file=sys.stderr) as bar:
             write_sharded(od.partial, units, max_shard_bytes=max_shard_bytes, on_tensor=lambda p: bar.update(p.nbytes))
         report = transform.report(str(src), str(out))
