@@ -9,7 +9,7 @@ from k2mini.errors import UsageError
 from k2mini.model.spec import ModelSpec
 from k2mini.selection.context import SelectionContext, SelectOptions
 from k2mini.selection import merge as merging
-from k2mini.selection.experts import EXPERT_SCORERS, EXPLICIT, _stats, expert_strategies, pick
+from k2mini.selection.experts import EXPERT_SCORERS, EXPLICIT, analysis_stats, expert_strategies, pick
 from k2mini.selection.layers import LAYER_SELECTORS
 from k2mini.selection.plan import ExpertSelection, Plan, PlanConfig
 
@@ -32,7 +32,7 @@ def _explicit_experts(o: SelectOptions, layer: int, E: int) -> list[int]:
 def _merge_groups(ctx: SelectionContext, layer: int, kept: list[int]) -> list[list[tuple[int, float]]]:
     """Each pruned expert folded into the kept expert whose router row is closest (cosine),
     weighted by the analysis' routing frequencies (merge.merge_plan: (f + 1) / sum(f + 1))."""
-    freq = _stats(ctx, layer, "--merge").frequency
+    freq = analysis_stats(ctx, layer, "--merge").frequency
     if len(freq) != ctx.spec.n_routed_experts:
         raise UsageError(f"--analysis {ctx.analysis_path}: layer {layer} has {len(freq)} frequencies, "
                          f"the source has {ctx.spec.n_routed_experts} experts")

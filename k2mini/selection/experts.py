@@ -34,7 +34,8 @@ def expert_strategies() -> list[str]:
     return sorted(EXPERT_SCORERS) + [EXPLICIT]
 
 
-def _stats(ctx: SelectionContext, layer: int, strategy: str) -> ExpertStats:
+def analysis_stats(ctx: SelectionContext, layer: int, strategy: str) -> ExpertStats:
+    """The analysis' expert statistics of MoE ``layer``; ``strategy`` names what needs them in the error."""
     a = ctx.require_analysis(strategy)
     for s in a.layers:
         if s.layer == layer and s.experts is not None:
@@ -44,7 +45,7 @@ def _stats(ctx: SelectionContext, layer: int, strategy: str) -> ExpertStats:
 
 def _metric(name: str) -> ExpertScorer:
     def score(ctx: SelectionContext, layer: int) -> list[float]:
-        values = getattr(_stats(ctx, layer, name), name)
+        values = getattr(analysis_stats(ctx, layer, name), name)
         if len(values) != ctx.spec.n_routed_experts:
             raise UsageError(f"--analysis {ctx.analysis_path}: layer {layer} has {len(values)} {name} values, "
                              f"the source has {ctx.spec.n_routed_experts} experts")
@@ -68,7 +69,7 @@ def output_error(ctx: SelectionContext, layer: int) -> list[float]:
     whose removal (tokens re-routed among the rest) changed the block's output least
     (selection/output_error.py), so its last n experts are the greedy choice for any n.
     """
-    order = _stats(ctx, layer, OUTPUT_ERROR).output_error_order
+    order = analysis_stats(ctx, layer, OUTPUT_ERROR).output_error_order
     if order is None:
         raise UsageError(f"--analysis {ctx.analysis_path}: layer {layer} has no output-error order (written by an older "
                          "k2mini or by analyze --no-output-error); re-run analyze or pick another --expert-strategy")
