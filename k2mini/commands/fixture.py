@@ -12,7 +12,7 @@ from k2mini.errors import UsageError
 
 @click.command("fixture")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--preset", default="tiny", show_default=True, help="tiny | aligned | grouped | real-dims")
+@click.option("--preset", default="tiny", show_default=True, help="tiny | aligned | grouped | mla | mla-grouped | real-dims")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--layers", type=int, default=None, help="Override the preset's number of layers.")
 @click.option("--experts", type=int, default=None, help="Override the preset's routed experts per layer.")
@@ -25,6 +25,7 @@ def fixture_cmd(out: Path, preset: str, seed: int, layers: int | None, experts: 
     Examples:
       k2mini fixture ./tiny-k2
       k2mini fixture ./k2-real-dims --preset real-dims --layers 4
+      k2mini fixture ./k2-mla --preset mla-grouped      # K2's attention head dims, small hidden size
     """
     from k2mini.testing.fixtures import PRESETS, build_fixture
 

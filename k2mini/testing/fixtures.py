@@ -106,6 +106,11 @@ class FixtureSpec:
     remote_code: bool = True
 
 
+_MLA = FixtureSpec(
+    hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+    q_lora_rank=128, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+)
+
 PRESETS: dict[str, FixtureSpec] = {
     # Edge blocks everywhere: 192 = 128 + 64 columns, 80-row kv_a_proj, 320-row dense MLP.
     "tiny": FixtureSpec(),
@@ -117,6 +122,11 @@ PRESETS: dict[str, FixtureSpec] = {
     ),
     # DeepSeek-V3-style grouped routing (n_group > 1).
     "grouped": FixtureSpec(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2, num_hidden_layers=3),
+    # Kimi-K2's MLA head dims (kv_lora_rank + qk_rope = 576, qk_nope 128, v_head 128) with a
+    # small hidden size, for engines whose kernels accept only those (vLLM's CPU MLA refuses
+    # the tiny presets' 80). Every other dimension is a multiple of 128, as INT4 MoE kernels want.
+    "mla": _MLA,
+    "mla-grouped": replace(_MLA, n_routed_experts=16, n_group=4, topk_group=2),
     # Kimi-K2 tensor shapes with few layers and experts: ~2 GB of FP8, for benchmarks.
     "real-dims": FixtureSpec(
         hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=3,

@@ -109,6 +109,39 @@ class ReferenceReport(BaseModel):
     findings: list[Finding]
 
 
+class EngineReport(BaseModel):
+    engine: str  # vllm
+    python: str  # the interpreter it ran in
+    status: Literal["served", "refused", "not_installed"]
+    version: str | None = None
+    reason: str | None = None  # refused / not installed: the engine's own words, one line
+    seconds: float | None = None  # the whole engine run, start-up included
+    load_seconds: float | None = None
+    tolerance: float | None = None  # nats, on the mean prompt log-prob difference
+    tokens_compared: int = 0  # prompt tokens whose log-prob both computed
+    max_abs_logprob_diff: float | None = None  # |log p_engine - log p_transformers|, nats
+    mean_abs_logprob_diff: float | None = None
+    greedy_steps: int = 0  # engine's greedy tokens, each checked against transformers in the same context
+    greedy_identical: int = 0  # of those, transformers' argmax too
+    greedy_worst_gap: float | None = None  # largest transformers log p(its argmax) - log p(engine's token), nats
+    log_tail: str | None = None  # the engine's last log lines when it refused
+    findings: list[Finding]
+
+    def line(self) -> str:
+        name = f"{self.engine} {self.version}" if self.version else self.engine
+        if self.status == "not_installed":
+            return f"engine {name}: not installed ({self.reason})"
+        if self.status == "refused":
+            return f"engine {name}: refused: {self.reason}"
+        if self.max_abs_logprob_diff is None:
+            return f"engine {name}: served (not compared); {self.seconds:.0f} s"
+        return (f"engine {name}: served; prompt log-probs vs transformers: mean |diff| {self.mean_abs_logprob_diff:.4f} "
+                f"nats (tolerance {self.tolerance:g}), max {self.max_abs_logprob_diff:.4f}, over {self.tokens_compared} "
+                f"tokens; greedy tokens {self.greedy_identical}/{self.greedy_steps} identical"
+                + (f", worst near-tie {self.greedy_worst_gap:.4f} nats" if self.greedy_identical < self.greedy_steps else "")
+                + f"; {self.seconds:.0f} s")
+
+
 class ValidationReport(BaseModel):
     output: str
     checks: list[str]
@@ -116,11 +149,12 @@ class ValidationReport(BaseModel):
     memory: MemoryPlan | None = None
     run: RunReport | None = None
     reference: ReferenceReport | None = None
+    engines: list[EngineReport] = Field(default_factory=list)
     passed: bool = False
 
     def findings(self) -> list[Finding]:
         out: list[Finding] = []
-        for part in (self.static, self.run, self.reference):
+        for part in (self.static, self.run, self.reference, *self.engines):
             if part is not None:
                 out.extend(part.findings)
         return out
@@ -179,6 +213,7 @@ class ValidationReport(BaseModel):
                 f"max {f.kl_max:.4g} nats, top-1 agreement {f.top1_agreement:.3f}, "
                 f"perplexity source {f.ppl_source:.3f} reduced {f.ppl_reduced:.3f}"
             )
+        lines.extend(e.line() for e in self.engines)
         for finding in self.findings():
             lines.append(finding.line())
         lines.append("PASS" if self.passed else "FAIL")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.errors import UsageError
+from k2mini.validate import ENGINE_TOLERANCE, ENGINES
 from k2mini.validate.report import ValidationReport
 
 CHECKS = ("static", "scan", "memory", "run")
@@ -26,6 +27,10 @@ class ValidateOptions:
     max_new_tokens: int = 16
     max_kl: float | None = None
     progress: bool = False
+    engines: tuple[str, ...] = ()
+    engine_python: str | None = None
+    engine_tolerance: float = ENGINE_TOLERANCE
+    engine_timeout: float = 900.0
 
     def check(self) -> None:
         for s in self.skip:
@@ -37,6 +42,19 @@ class ValidateOptions:
             raise UsageError("--samples must be >= 1 and --seq-len >= 2")
         if self.reference is not None and "run" in self.skip:
             raise UsageError("--reference needs the run check (it compares the loaded model); drop --skip run")
+        if self.engines:
+            from k2mini.validate.engines import check_engine_python
+
+            for e in self.engines:
+                if e not in ENGINES:
+                    raise UsageError(f"--engine {e}: choose one of {', '.join(ENGINES)}")
+            check_engine_python(self.engine_python)
+            if "run" in self.skip:
+                raise UsageError("--engine compares with the run check's transformers model; drop --skip run")
+            if not self.engine_tolerance > 0 or not self.engine_timeout > 0:
+                raise UsageError("--engine-tolerance and --engine-timeout must be positive")
+        elif self.engine_python is not None:
+            raise UsageError("--engine-python needs --engine")
 
     def requested(self) -> list[str]:
         out = [c for c in ("static", "scan") if c not in self.skip]
@@ -46,6 +64,7 @@ class ValidateOptions:
             out.append("run")
         if self.reference:
             out.append("reference")
+        out += [f"engine:{e}" for e in self.engines]
         return out
 
 
@@ -77,4 +96,11 @@ def validate(out: str | Path, opts: ValidateOptions) -> ValidationReport:
             device = next(model.parameters()).device
             report.reference = compare_with_source(opts.reference, model, ck, ids, device=str(device),
                                                    max_kl=opts.max_kl, progress=opts.progress)
+        if opts.engines:
+            from k2mini.validate.engines import check_engine
+
+            for engine in opts.engines:
+                report.engines.append(check_engine(engine, out, model=model, prompts=ids.tolist(),
+                                                   max_new_tokens=opts.max_new_tokens, python=opts.engine_python,
+                                                   tolerance=opts.engine_tolerance, timeout=opts.engine_timeout))
     return report.decide()
