@@ -48,6 +48,9 @@ def run(req):
     # it becomes "Engine core initialization failed. See root cause above.").
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default takes a large share of RAM
+    # A local checkpoint needs nothing from outside: no usage statistics, no Hub look-ups.
+    for var in ("VLLM_NO_USAGE_STATS", "DO_NOT_TRACK", "HF_HUB_OFFLINE"):
+        os.environ.setdefault(var, "1")
     try:
         import vllm
         from vllm import LLM, SamplingParams
