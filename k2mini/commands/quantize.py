@@ -11,7 +11,10 @@ from k2mini.quantize import FORMATS
 @click.argument("source")
 @click.option("--bits", type=int, required=True, help="4 or 8.")
 @click.option("--group-size", type=int, default=None,
-              help="Columns per scale: 32, 64 or 128 (compressed-tensors only). Default: 128 for INT4, one scale per output channel for INT8.")
+              help="Columns per scale: 32, 64 or 128 (compressed-tensors only); it must divide every quantized weight's "
+                   "input dimension. Default for INT4: per tensor, the largest of 128, 64, 32 that divides it (routed "
+                   "experts: both dimensions, since vLLM fuses them), else one scale per output channel; INT8: per "
+                   "output channel.")
 @click.option("--format", "fmt", default="compressed-tensors", show_default=True, help=f"One of: {', '.join(FORMATS)}.")
 @click.option("--ignore", multiple=True, metavar="PATTERN",
               help="Keep matching modules BF16 (repeatable): a module name or re:REGEX, compressed-tensors syntax. "

@@ -51,7 +51,13 @@ def _int_line(q: dict[str, Any]) -> str:
         line = (f"BF16 weights that transformers quantizes to INT{q['bits']} with optimum-quanto at load time, "
                 "routed experts excepted (quanto replaces nn.Linear modules only)")
     else:
-        scale = f"one scale per {q['group_size']} input columns" if q.get("group_size") else "one scale per output channel"
+        if q.get("group_size") == "auto":
+            scale = ("one scale per 128, 64 or 32 input columns, the largest that divides each weight, or per output "
+                     "channel where none does; `quantization_config.config_groups` lists which")
+        elif q.get("group_size"):
+            scale = f"one scale per {q['group_size']} input columns"
+        else:
+            scale = "one scale per output channel"
         line = f"INT{q['bits']} linear weights (`{q['format']}` pack-quantized, {scale})"
     kept = ", ".join(f"`{m}`" for m in q.get("ignore") or [])
     return (line + "; embeddings, norms" + (f" and {kept}" if kept else "") + " stay BF16; per-tensor errors and the "

@@ -11,7 +11,8 @@ from __future__ import annotations
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.convert.transforms import Bf16Transform, TensorJob, Transform, out_shape, register_transform, selected_bytes
 
-# --dtype name -> (bits, group size); INT4 defaults to groups of 128, INT8 to per channel.
+# --dtype name -> (bits, group size); INT4 defaults to the largest group of 128/64/32 that
+# fits each tensor (QuantOptions.auto_group), INT8 to per channel.
 CHOICES = {"int4": (4, None), "int4-g64": (4, 64), "int4-g32": (4, 32), "int8": (8, None)}
 
 

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
 
 from k2mini.checkpoint.names import Role, TensorName
 from k2mini.checkpoint.safetensors_format import PlannedTensor
-from k2mini.quantize import FORMATS, intq
+from k2mini.errors import CheckpointError
+from k2mini.quantize import FORMATS, auto_group_size, intq
 from k2mini.quantize.policy import DEFAULT_IGNORE, is_ignored, is_linear_weight, module_of
 INT_TAGS = frozenset({"I8", "U8", "I16", "I32", "I64"})
 
@@ -55,6 +57,8 @@ class OutputFormat:
     group_size: int | None
     ignore: tuple[str, ...] = ()
     name: str = ""
+    # INT4 without --group-size: each weight gets the largest group that fits (group_for).
+    auto_group: bool = False
     # Modules this format leaves BF16 although the user asked for integers (the warning).
     left_bf16: list[str] = field(default_factory=list)
 
@@ -65,7 +69,15 @@ class OutputFormat:
     def quantizes(self, parsed: TensorName, shape: tuple[int, ...]) -> bool:
         return is_linear_weight(parsed, shape) and not is_ignored(parsed.name, self.all_ignore)
 
+    def group_for(self, parsed: TensorName, shape: tuple[int, ...]) -> int | None:
+        """Columns per scale of this weight; None: one scale per output channel."""
+        if not self.auto_group:
+            return self.group_size
+        return auto_group_size(shape, parsed.role is Role.EXPERT)
+
     def granularity(self) -> str:
+        if self.auto_group:
+            return "per tensor: one scale per 128, 64 or 32 columns, the largest that divides, else per output channel"
         return "one scale per output channel" if self.group_size is None else f"one scale per {self.group_size} columns"
 
     def held_as_int(self, parsed: TensorName, shape: tuple[int, ...]) -> bool:
@@ -81,7 +93,8 @@ class OutputFormat:
     def produce(self, parsed: TensorName, in_dtype: str, w: torch.Tensor) -> Produced:
         raise NotImplementedError
 
-    def quantization_config(self) -> dict:
+    def quantization_config(self, groups: dict[str, int | None]) -> dict:
+        """The config's quantization_config; ``groups``: module -> group_for of each weight stored as integers."""
         raise NotImplementedError
 
     def warning(self, unquantized_bytes: int) -> str | None:
@@ -94,7 +107,7 @@ class CompressedTensorsFormat(OutputFormat):
             return _plain(parsed.name, in_dtype, shape)
         base = module_of(parsed.name)
         out_f, in_f = shape
-        groups = in_f // intq.group_width(in_f, self.group_size)
+        groups = in_f // intq.group_width(in_f, self.group_for(parsed, shape))
         return [
             PlannedTensor(f"{base}.weight_packed", "I32", intq.packed_shape(shape, self.bits)),
             PlannedTensor(f"{base}.weight_scale", "BF16", (out_f, groups)),
@@ -104,22 +117,42 @@ class CompressedTensorsFormat(OutputFormat):
     def produce(self, parsed, in_dtype, w):
         if not self.quantizes(parsed, tuple(w.shape)):
             return _plain_tensor(w, in_dtype)
-        q = intq.quantize_packed(w, self.bits, self.group_size)
+        q = intq.quantize_packed(w, self.bits, self.group_for(parsed, tuple(w.shape)))
         return Produced([q.packed, q.scale, torch.tensor(list(w.shape), dtype=torch.int64)], q.rel_error, q.max_abs_err)
 
-    def scheme(self):
+    def scheme(self, group_size: int | None, targets: list[str]):
         from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
         args = QuantizationArgs(
             num_bits=self.bits,
             type="int",
             symmetric=True,
-            strategy="channel" if self.group_size is None else "group",
-            group_size=self.group_size,
+            strategy="channel" if group_size is None else "group",
+            group_size=group_size,
         )
-        return QuantizationScheme(targets=["Linear"], weights=args)
+        return QuantizationScheme(targets=targets, weights=args)
 
-    def quantization_config(self) -> dict:
+    def config_groups(self, groups: dict[str, int | None]) -> dict:
+        """One group targeting every Linear when all weights share a scheme, else one per
+        scheme whose targets are the module names with layer and expert numbers as ``\\d+``.
+
+        The routed experts' group comes first: transformers takes the experts' scheme from
+        the first group with an ``re:`` target naming "experts" (shared_experts does too)."""
+        schemes = set(groups.values()) or {self.group_size}
+        if len(schemes) == 1:
+            return {"group_0": self.scheme(schemes.pop(), ["Linear"])}
+        by_pattern: dict[str, int | None] = {}
+        for module, g in groups.items():
+            pattern = "re:" + r"\.".join(r"\d+" if p.isdigit() else re.escape(p) for p in module.split(".")) + "$"
+            if by_pattern.setdefault(pattern, g) != g:
+                raise CheckpointError(f"weights named like {pattern[3:]} have different input dimensions, so no one "
+                                      "quantization scheme covers them")
+        expert = {g for m, g in groups.items() if ".mlp.experts." in m}
+        order = sorted(set(by_pattern.values()), key=lambda g: (g not in expert, -(g or 0)))
+        return {f"group_{i}": self.scheme(g, sorted(p for p, pg in by_pattern.items() if pg == g))
+                for i, g in enumerate(order)}
+
+    def quantization_config(self, groups: dict[str, int | None]) -> dict:
         """The block ``ModelCompressor.update_config`` writes, built from the library's own
         pydantic models so field names and defaults are the library's."""
         import compressed_tensors
@@ -134,7 +167,7 @@ class CompressedTensorsFormat(OutputFormat):
         from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
         qc = QuantizationConfig(
-            config_groups={"group_0": self.scheme()},
+            config_groups=self.config_groups(groups),
             format=CompressionFormat.pack_quantized.value,
             quantization_status=QuantizationStatus.COMPRESSED,
             ignore=list(self.all_ignore),
@@ -213,7 +246,7 @@ class BnbFormat(_LinearOnly):
         deq = bnbf.dequantize_4bit(q, state).float()
         return Produced([q, d["absmax"].float(), d["quant_map"].float(), d["quant_state.bitsandbytes__nf4"]], *_errors(w, deq))
 
-    def quantization_config(self) -> dict:
+    def quantization_config(self, groups: dict[str, int | None]) -> dict:
         from transformers import BitsAndBytesConfig
 
         if self.bits == 8:
@@ -248,7 +281,7 @@ class QuantoFormat(_LinearOnly):
     def produce(self, parsed, in_dtype, w):
         return _plain_tensor(w, in_dtype)
 
-    def quantization_config(self) -> dict:
+    def quantization_config(self, groups: dict[str, int | None]) -> dict:
         from transformers import QuantoConfig
 
         return QuantoConfig(weights=f"int{self.bits}", modules_to_not_convert=self.skip_modules()).to_dict()
@@ -269,6 +302,7 @@ def _errors(w: torch.Tensor, deq: torch.Tensor) -> tuple[float, float]:
     return ((err / ref) ** 0.5 if ref > 0 else 0.0), float(diff.abs().max()) if diff.numel() else 0.0
 
 
-def make_format(fmt: str, bits: int, group_size: int | None, ignore: tuple[str, ...] = ()) -> OutputFormat:
+def make_format(fmt: str, bits: int, group_size: int | None, ignore: tuple[str, ...] = (),
+                auto_group: bool = False) -> OutputFormat:
     cls = {"compressed-tensors": CompressedTensorsFormat, "bnb": BnbFormat, "quanto": QuantoFormat}[fmt]
-    return cls(bits=bits, group_size=group_size, ignore=tuple(ignore), name=fmt)
+    return cls(bits=bits, group_size=group_size, ignore=tuple(ignore), name=fmt, auto_group=auto_group)

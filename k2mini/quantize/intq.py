@@ -20,7 +20,6 @@ import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
 BITS = (4, 8)
-GROUP_SIZES = (32, 64, 128)
 # Rows per band: 512 rows of 18432 columns is 36 MB of float32.
 _BAND_ELEMENTS = 1 << 23
 

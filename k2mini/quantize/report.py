@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel
 
 REPORT_FILE = "quantization_report.json"
@@ -16,6 +18,7 @@ class TensorReport(BaseModel):
     bytes_in: int  # as stored in the input, FP8 scale grids included
     bytes_out: int  # every output tensor it became (packed values, scales, shape)
     int_bytes: int  # of bytes_out, those holding integer weight values
+    scales: str | None = None  # compressed-tensors integer weights: "group 128" ... or "channel"
     rel_error: float | None = None  # ||W - dequant(Q(W))||_F / ||W||_F, W the BF16 weight
     max_abs_error: float | None = None
 
@@ -30,8 +33,9 @@ class QuantReport(BaseModel):
     output: str
     format: str
     bits: int
-    group_size: int | None  # None: one scale per output channel
+    group_size: int | Literal["auto"] | None  # None: one scale per output channel; auto: chosen per tensor
     granularity: str  # what one scale covers, in words
+    schemes: dict[str, int] = {}  # compressed-tensors: "group 128" / ... / "channel" -> integer weights with it
     ignore: list[str]
     tensors: list[TensorReport]
     bytes_in: int
@@ -56,8 +60,9 @@ class QuantReport(BaseModel):
 
     def summary(self) -> str:
         mib = 2**20
+        scales = f" -> {', '.join(f'{k}: {n}' for k, n in self.schemes.items())} tensors" if self.group_size == "auto" else ""
         lines = [
-            f"{self.format} INT{self.bits} ({self.granularity}): "
+            f"{self.format} INT{self.bits} ({self.granularity}{scales}): "
             f"{self.bytes_bf16 / mib:.1f} MiB as BF16 -> {self.bytes_out / mib:.1f} MiB "
             f"(input {self.bytes_in / mib:.1f} MiB)",
             f"integer share: {100 * self.int_byte_share_linear:.2f}% of linear-weight bytes, "

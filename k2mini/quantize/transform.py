@@ -21,9 +21,9 @@ import torch
 from k2mini.checkpoint.names import Role, TensorName, parse_name
 from k2mini.checkpoint.safetensors_format import PlannedTensor
 from k2mini.errors import UsageError
-from k2mini.quantize import intq
+from k2mini.quantize import GROUP_SIZES, intq
 from k2mini.quantize.formats import FORMATS, INT_TAGS, OutputFormat, make_format
-from k2mini.quantize.policy import check_patterns, is_linear_weight
+from k2mini.quantize.policy import check_patterns, is_linear_weight, module_of
 from k2mini.quantize.report import QuantReport, TensorReport, WorstTensor
 
 _WORST = 10
@@ -41,17 +41,18 @@ class QuantOptions:
             raise UsageError(f"--bits {self.bits}: only 4 and 8 are supported")
         if self.format not in FORMATS:
             raise UsageError(f"--format {self.format}: choose one of {', '.join(FORMATS)}")
-        if self.group_size is not None and self.group_size not in intq.GROUP_SIZES:
-            raise UsageError(f"--group-size {self.group_size}: choose one of {', '.join(map(str, intq.GROUP_SIZES))}")
+        if self.group_size is not None and self.group_size not in GROUP_SIZES:
+            raise UsageError(f"--group-size {self.group_size}: choose one of {', '.join(map(str, GROUP_SIZES))}")
         if self.group_size is not None and self.format != "compressed-tensors":
             raise UsageError(f"--group-size applies to --format compressed-tensors only ({self.format} has fixed blocks)")
         check_patterns(self.ignore)
 
-    def resolved(self) -> QuantOptions:
-        """INT4 defaults to groups of 128 (Marlin-friendly); INT8 to one scale per channel."""
-        if self.bits == 4 and self.group_size is None and self.format == "compressed-tensors":
-            return QuantOptions(self.bits, 128, self.format, self.ignore)
-        return self
+    @property
+    def auto_group(self) -> bool:
+        """INT4 without --group-size: per tensor, the largest of 128/64/32 that divides it
+        (128 is what Marlin kernels like best), else per channel, so any model quantizes.
+        INT8 defaults to one scale per channel."""
+        return self.bits == 4 and self.group_size is None and self.format == "compressed-tensors"
 
 
 # --quantize values convert accepts.
@@ -70,6 +71,14 @@ class TensorJob:
     bytes_in: int
 
 
+def scales_of(fmt: OutputFormat, job: TensorJob) -> str | None:
+    """What one scale covers in a compressed-tensors integer weight: "group 128" or "channel"."""
+    if fmt.name != "compressed-tensors" or not fmt.quantizes(job.parsed, job.shape):
+        return None
+    g = fmt.group_for(job.parsed, job.shape)
+    return "channel" if g is None else f"group {g}"
+
+
 def _record(fmt: OutputFormat, job: TensorJob, rel: float | None, max_err: float | None) -> TensorReport:
     quantized = fmt.quantizes(job.parsed, job.shape)
     if quantized:
@@ -86,6 +95,7 @@ def _record(fmt: OutputFormat, job: TensorJob, rel: float | None, max_err: float
         bytes_in=job.bytes_in,
         bytes_out=sum(p.nbytes for p in job.outputs),
         int_bytes=int_bytes,
+        scales=scales_of(fmt, job),
         rel_error=rel,
         max_abs_error=max_err,
     )
@@ -103,13 +113,18 @@ def build_report(src: str, out: str, opts: QuantOptions, fmt: OutputFormat, jobs
     total_out = sum(r.bytes_out for r in records)
     lin_params = sum(r.params for r in linear)
     unq_bytes = sum(r.params * 2 for r in unq)
+    schemes: dict[str, int] = {}
+    # Largest groups first, per channel last.
+    for r in sorted((r for r in records if r.scales), key=lambda r: -int(r.scales.split()[-1]) if r.scales != "channel" else 0):
+        schemes[r.scales] = schemes.get(r.scales, 0) + 1
     return QuantReport(
         source=src,
         output=out,
         format=opts.format,
         bits=opts.bits,
-        group_size=opts.group_size,
+        group_size="auto" if opts.auto_group else opts.group_size,
         granularity=fmt.granularity(),
+        schemes=schemes,
         ignore=list(fmt.all_ignore),
         tensors=records,
         bytes_in=sum(r.bytes_in for r in records),
@@ -128,16 +143,18 @@ def build_report(src: str, out: str, opts: QuantOptions, fmt: OutputFormat, jobs
     )
 
 
-def output_config(src_cfg: dict[str, Any], fmt: OutputFormat, opts: QuantOptions) -> dict[str, Any]:
+def output_config(src_cfg: dict[str, Any], fmt: OutputFormat, opts: QuantOptions, jobs: list[TensorJob]) -> dict[str, Any]:
     """The source config with its quantization_config replaced, loadable without remote code."""
     cfg = copy.deepcopy(src_cfg)
     cfg.pop("auto_map", None)
     if cfg.get("model_type") == "kimi_k2":
         cfg["model_type"] = "deepseek_v3"
-    cfg["quantization_config"] = fmt.quantization_config()
+    groups = {module_of(j.name): fmt.group_for(j.parsed, j.shape) for j in jobs if fmt.quantizes(j.parsed, j.shape)}
+    cfg["quantization_config"] = fmt.quantization_config(groups)
     cfg["torch_dtype"] = "bfloat16"
     block = cfg.get("k2mini") if isinstance(cfg.get("k2mini"), dict) else {}
-    block["quantize"] = {"format": opts.format, "bits": opts.bits, "group_size": opts.group_size, "ignore": list(fmt.all_ignore)}
+    block["quantize"] = {"format": opts.format, "bits": opts.bits, "group_size": "auto" if opts.auto_group else opts.group_size,
+                         "ignore": list(fmt.all_ignore)}
     cfg["k2mini"] = block
     return cfg
 
@@ -147,8 +164,8 @@ class IntTransform:
 
     def __init__(self, opts: QuantOptions):
         opts.check()
-        self.opts = opts.resolved()
-        self.fmt: OutputFormat = make_format(self.opts.format, self.opts.bits, self.opts.group_size, self.opts.ignore)
+        self.opts = opts
+        self.fmt: OutputFormat = make_format(opts.format, opts.bits, opts.group_size, opts.ignore, opts.auto_group)
         self.jobs: dict[str, TensorJob] = {}
         self.records: list[TensorReport] = []
 
@@ -200,7 +217,7 @@ class IntTransform:
             yield tensors.pop(0)
 
     def config(self, cfg: dict[str, Any]) -> dict[str, Any]:
-        return output_config(cfg, self.fmt, self.opts)
+        return output_config(cfg, self.fmt, self.opts, list(self.jobs.values()))
 
     def report(self, source: str, output: str) -> QuantReport:
         """Every planned tensor in plan order. One never produced in this run (a shard reused

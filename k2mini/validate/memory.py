@@ -17,6 +17,7 @@ from typing import Any
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.model.fp8_layout import modules_to_not_convert
 from k2mini.model.spec import ModelSpec, is_projection
+from k2mini.quantize import auto_group_size
 from k2mini.validate.gpus import GpuProfile
 from k2mini.validate.report import KVCache, MemoryPlan
 
@@ -60,12 +61,12 @@ def activation_bytes(cfg: dict[str, Any], context: int, batch: int, prefill_chun
     return tokens * per_token + batch * _cfg_int(cfg, "vocab_size") * 4 + one_layer_kv
 
 
-def weights_from_config(cfg: dict[str, Any], dtype: str = "bf16", group_size: int | None = 128) -> dict[str, int]:
+def weights_from_config(cfg: dict[str, Any], dtype: str = "bf16", group_size: int | str | None = "auto") -> dict[str, int]:
     """Bytes per safetensors dtype of a checkpoint of ``cfg`` written as bf16, fp8, int8 or int4.
 
     int4/int8 follow compressed-tensors pack-quantized: every projection packed into int32
-    words, BF16 scales per group (per row for ``group_size=None``), an int64 weight_shape;
-    router, embeddings, lm_head and norms stay BF16.
+    words, BF16 scales per group (per row for ``group_size=None``; "auto": quantize's INT4
+    default, per tensor), an int64 weight_shape; router, embeddings, lm_head and norms stay BF16.
     """
     base = {k: v for k, v in cfg.items() if k != "quantization_config"}
     spec = ModelSpec.from_config(base)
@@ -82,7 +83,10 @@ def weights_from_config(cfg: dict[str, Any], dtype: str = "bf16", group_size: in
     for t in spec.tensors():
         if is_projection(t.name):
             rows, cols = t.shape
-            groups = 1 if group_size is None else cols // group_size
+            g = group_size
+            if group_size == "auto":  # quantize's defaults: INT4 per tensor, INT8 per channel
+                g = auto_group_size(t.shape, ".mlp.experts." in t.name) if bits == 4 else None
+            groups = 1 if g is None else cols // g
             out["I32"] = out.get("I32", 0) + rows * -(-cols * bits // 32) * 4
             out["BF16"] = out.get("BF16", 0) + rows * groups * 2
             out["I64"] = out.get("I64", 0) + 16
@@ -126,7 +130,7 @@ def memory_plan(
     batch: int,
     ck: Checkpoint | None = None,
     dtype: str = "bf16",
-    group_size: int | None = 128,
+    group_size: int | str | None = "auto",
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> MemoryPlan:
     """The plan for ``cfg`` on ``profile``; with ``ck``, weights are read from its headers."""
@@ -178,6 +182,6 @@ def reduced_config(cfg: dict[str, Any], layers: int, experts: int) -> dict[str, 
 
 
 def plan_variants(cfg: dict[str, Any], profile: GpuProfile, *, context: int, batch: int,
-                  dtypes: tuple[str, ...] = ("bf16", "fp8", "int4"), group_size: int = 128) -> dict[str, MemoryPlan]:
+                  dtypes: tuple[str, ...] = ("bf16", "fp8", "int4"), group_size: int | str | None = "auto") -> dict[str, MemoryPlan]:
     """One plan per output dtype, all from the config alone."""
     return {d: memory_plan(cfg, profile, context=context, batch=batch, dtype=d, group_size=group_size) for d in dtypes}

@@ -40,12 +40,23 @@ _MAX_LISTED = 5  # findings listed one by one per check before they are summaris
 class Format:
     kind: str  # bf16, fp8, compressed-tensors, bnb, quanto, unknown
     bits: int | None = None
-    group_size: int | None = None
+    # compressed-tensors: (targets, columns per scale or None for per channel) per config group
+    groups: tuple[tuple[tuple[str, ...], int | None], ...] = ()
     ignore: tuple[str, ...] = ()
+
+    def group_for(self, module: str) -> int | None:
+        """Columns per scale of ``module``: the first config group targeting it, as
+        compressed-tensors' own matcher decides ("Linear" targets every projection)."""
+        from compressed_tensors.utils.match import match_name
+
+        for targets, g in self.groups:
+            if any(t == "Linear" or match_name(module, t) for t in targets):
+                return g
+        return None
 
     def describe(self) -> str:
         if self.kind == "compressed-tensors":
-            g = f"group {self.group_size}" if self.group_size else "per channel"
+            g = ", ".join(f"group {g}" if g else "per channel" for _, g in self.groups)
             return f"compressed-tensors int{self.bits} {g}"
         if self.kind in ("bnb", "quanto") and self.bits:
             return f"{self.kind} {self.bits}-bit"
@@ -100,24 +111,36 @@ def detect_format(cfg: dict[str, Any], fs: _Findings) -> Format:
                    "weight_scale_inv grids are [128, 128] blocks", breaks=ALL)
         return Format("fp8", 8)  # modules_to_not_convert: read by ModelSpec
     if method == "compressed-tensors":
-        groups = qc.get("config_groups") or {}
-        if len(groups) != 1:
-            fs.add("config.compressed_tensors", "warning", f"{len(groups)} config_groups: only the first is checked")
-        w = (next(iter(groups.values()), {}) or {}).get("weights") or {}
-        bits, gs = w.get("num_bits"), w.get("group_size")
-        if qc.get("format") != "pack-quantized" or bits not in (4, 8) or w.get("type", "int") != "int":
-            fs.add("config.compressed_tensors", "error", f"compressed-tensors format {qc.get('format')!r} with "
-                   f"{w.get('type')} num_bits={bits} is not the pack-quantized INT4/INT8 k2mini checks", breaks=[])
+        groups = [g or {} for g in (qc.get("config_groups") or {}).values()]
+        parsed: list[tuple[tuple[str, ...], int | None]] = []
+        bits_seen = set()
+        for group in groups:
+            w = group.get("weights") or {}
+            bits, gs = w.get("num_bits"), w.get("group_size")
+            bits_seen.add(bits)
+            if qc.get("format") != "pack-quantized" or bits not in (4, 8) or w.get("type", "int") != "int":
+                fs.add("config.compressed_tensors", "error", f"compressed-tensors format {qc.get('format')!r} with "
+                       f"{w.get('type')} num_bits={bits} is not the pack-quantized INT4/INT8 k2mini checks", breaks=[])
+                return Format("unknown")
+            if w.get("strategy") == "channel":
+                gs = None
+            targets = tuple(group.get("targets") or ())
+            # The Marlin MoE rule concerns the group the routed experts are in ("Linear" covers them); per
+            # channel (-1) is among vLLM's MARLIN_SUPPORTED_GROUP_SIZES [-1, 32, 64, 128] (read in 0.32.0).
+            experts = any(t == "Linear" or "experts" in t for t in targets)
+            if bits == 4 and experts and w.get("strategy") != "channel" and gs not in (32, 64, 128):
+                fs.add("config.int4_group", "warning", f"INT4 group_size {gs}: vLLM's Marlin MoE kernels want 32, 64 or 128",
+                       breaks=["vLLM"])
+            parsed.append((targets, gs))
+        if not parsed or len(bits_seen) != 1:
+            fs.add("config.compressed_tensors", "error", f"compressed-tensors config_groups with num_bits "
+                   f"{sorted(map(str, bits_seen))}: k2mini checks one integer width", breaks=[])
             return Format("unknown")
-        if w.get("strategy") == "channel":
-            gs = None
-        if bits == 4 and gs not in (32, 64, 128):
-            fs.add("config.int4_group", "warning", f"INT4 group_size {gs}: vLLM's Marlin MoE kernels want 32, 64 or 128",
-                   breaks=["vLLM"])
+        bits = bits_seen.pop()
         if bits == 4 and int(cfg.get("hidden_size") or 0) % 128:
             fs.add("config.int4_hidden", "warning", f"hidden_size {cfg.get('hidden_size')} is not a multiple of 128: "
                    "vLLM's INT4 Marlin MoE kernels need it", breaks=["vLLM"])
-        return Format("compressed-tensors", bits, gs, tuple(qc.get("ignore") or ()))
+        return Format("compressed-tensors", bits, tuple(parsed), tuple(qc.get("ignore") or ()))
     if method == "bitsandbytes":
         return Format("bnb", 8 if qc.get("load_in_8bit") else 4)
     if method == "quanto":
@@ -225,8 +248,8 @@ def expected_tensors(cfg: dict[str, Any], fmt: Format) -> dict[str, ExpectedTens
     for t in spec.tensors():
         if fmt.kind == "compressed-tensors" and is_projection(t.name) and not _matches_any(_module(t.name), fmt.ignore):
             rows, cols = t.shape
-            width = cols if fmt.group_size is None else fmt.group_size
             m = _module(t.name)
+            width = fmt.group_for(m) or cols
             out[f"{m}.weight_packed"] = ExpectedTensor(f"{m}.weight_packed", (rows, -(-cols * fmt.bits // 32)), "I32")
             out[f"{m}.weight_scale"] = ExpectedTensor(f"{m}.weight_scale", (rows, max(1, cols // width)), "BF16")
             out[f"{m}.weight_shape"] = ExpectedTensor(f"{m}.weight_shape", (2,), "I64")
