@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,11 +55,14 @@ def _run_worker(python: str, request: dict, timeout: float) -> tuple[dict | None
         req, res, log = Path(tmp) / "request.json", Path(tmp) / "result.json", Path(tmp) / "engine.log"
         req.write_text(json.dumps(request))
         with open(log, "wb") as logf:
+            # A session of its own, so a timeout ends the engine's helper processes too.
+            proc = subprocess.Popen([python, "-I", str(WORKER), str(req), str(res)], stdin=subprocess.DEVNULL,
+                                    stdout=logf, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True)
             try:
-                proc = subprocess.run([python, "-I", str(WORKER), str(req), str(res)], stdin=subprocess.DEVNULL,
-                                      stdout=logf, stderr=subprocess.STDOUT, timeout=timeout, cwd=tmp)
-                code: int | None = proc.returncode
+                code: int | None = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
                 code = None
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-_LOG_TAIL:])
         result = json.loads(res.read_text()) if res.exists() else None
