@@ -216,6 +216,12 @@ def test_bnb_and_quanto_leave_experts_bf16_and_say_so(tiny_fixture, outputs):
         stored = read_all(out)
         assert stored["model.layers.1.mlp.experts.0.up_proj.weight"].dtype == torch.bfloat16
         model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+        for m in model.modules():
+            # bitsandbytes 0.50.2 repacks nf4 weights for its AVX512-BF16 CPU kernel assuming the
+            # input dimension is a multiple of the 64-element block; the fixture's 96 is not
+            # ("shape '[192, 1]' is invalid for input of size 288"). Its generic kernel reads our files.
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
         with torch.no_grad():
             assert torch.isfinite(model(torch.arange(3, 20).unsqueeze(0)).logits).all()
     assert outputs["bnb4"][1].int_byte_share_linear > 0
