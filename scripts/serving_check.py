@@ -224,7 +224,7 @@ def check_answer(path: Path, prompt: str, answer: dict) -> dict:
     from k2mini.analysis.tokenizer import load_tokenizer
     from k2mini.checkpoint.reader import Checkpoint
     from k2mini.validate import ENGINE_TOLERANCE
-    from k2mini.validate.engines import _reference, compare, disagreements
+    from k2mini.validate.engines import compare, disagreements, reference_logprobs
     from k2mini.validate.runcheck import load_model
 
     choice = answer["choices"][0]
@@ -236,7 +236,7 @@ def check_answer(path: Path, prompt: str, answer: dict) -> dict:
     logprobs = [None if e is None else float(e[str(t)]["logprob"]) for t, e in zip(ids, choice["prompt_logprobs"])]
     greedy = list(choice["token_ids"])
     model, _, _ = load_model(path, "cpu", torch.float32)
-    figures = compare([ids], [logprobs], [greedy], _reference(model, [ids], [greedy]))
+    figures = compare([ids], [logprobs], [greedy], reference_logprobs(model, [ids], [greedy]))
     problems += [f.message for f in disagreements("vllm server", figures, ENGINE_TOLERANCE)]
     if len(greedy) != 8 or not isinstance(choice["text"], str):
         problems.append(f"expected 8 generated tokens and a text, got {greedy} and {choice['text']!r}")

@@ -70,7 +70,7 @@ def _run_worker(python: str, request: dict, timeout: float) -> tuple[dict | None
 
 
 @torch.no_grad()
-def _reference(model, prompts: list[list[int]], greedy: list[list[int]]) -> list[torch.Tensor]:
+def reference_logprobs(model, prompts: list[list[int]], greedy: list[list[int]]) -> list[torch.Tensor]:
     """transformers' log-probs [len - 1, vocab] over each prompt followed by the engine's
     greedy tokens (teacher-forced, so every generated step is compared in the same context)."""
     device = next(model.parameters()).device
@@ -163,13 +163,14 @@ def check_engine(engine: str, out: str | Path, *, model, prompts: list[list[int]
     if status == "refused":
         return EngineReport(**common, status="refused", reason=reason, log_tail=tail, findings=[Finding(
             check=f"engine.{engine}.refused", severity="error", breaks=["vLLM"],
-            message=f"--engine {engine} was asked for and {engine} {version or ''} cannot run this output on this "
-                    "machine (its reason is on the engine's line, engines[].reason in the JSON report)")])
+            message=f"--engine {engine} was asked for and {engine} {version or ''}".rstrip() + " cannot run this output on "
+                    "this machine (its reason is on the engine's line, engines[].reason in the JSON report)")])
     if model is None:
         return EngineReport(**common, status="served", load_seconds=result.get("load_seconds"), findings=[Finding(
             check=f"engine.{engine}.unchecked", severity="warning", breaks=[],
             message="vLLM served the output but transformers could not load it (see the run check), so nothing was "
                     "compared")])
-    figures = compare(prompts, result["prompt_logprobs"], result["greedy"], _reference(model, prompts, result["greedy"]))
+    ref = reference_logprobs(model, prompts, result["greedy"])
+    figures = compare(prompts, result["prompt_logprobs"], result["greedy"], ref)
     return EngineReport(**common, status="served", load_seconds=result.get("load_seconds"),
                         findings=disagreements(engine, figures, tolerance), **figures)
