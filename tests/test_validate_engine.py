@@ -228,23 +228,25 @@ def test_bad_engine_flags_one_line_exit_2(output, flags, needle):
     assert r.exit_code == 2 and needle in r.output and r.output.strip().count("\n") <= 1, r.output
 
 
-@pytest.mark.parametrize("preset,groups", [("mla", (1, 1)), ("mla-grouped", (4, 2))])
-def test_mla_presets_have_k2s_attention_head_dims(tmp_path, preset, groups):
+def test_mla_presets_have_k2s_attention_head_dims(tmp_path):
     """What vLLM's CPU MLA kernel needs (DESIGN 11), copied from Kimi-K2's own config; the
-    fixture loads in transformers with the logits of the model it was made from."""
+    grouped preset loads in transformers with the logits of the model it was made from."""
     from pathlib import Path
 
     from k2mini.checkpoint.reader import Checkpoint
     from k2mini.model.hf import load_checkpoint_model
     from k2mini.testing import build_fixture
+    from k2mini.testing.fixtures import PRESETS, k2_config
 
     k2 = json.loads((Path(__file__).resolve().parents[1] / "configs" / "reference" / "kimi_k2_config.json").read_text())
-    fx = build_fixture(tmp_path / preset, preset, keep_model=True)
-    for key in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
-        assert fx.config[key] == k2[key], key
-    assert fx.config["kv_lora_rank"] + fx.config["qk_rope_head_dim"] == 576
-    assert (fx.config["n_group"], fx.config["topk_group"]) == groups
-    assert fx.config["hidden_size"] <= 256 and fx.config["hidden_size"] % 128 == 0
+    for preset, groups in (("mla", (1, 1)), ("mla-grouped", (4, 2))):
+        cfg = k2_config(PRESETS[preset])
+        for key in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
+            assert cfg[key] == k2[key], (preset, key)
+        assert cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"] == 576
+        assert (cfg["n_group"], cfg["topk_group"]) == groups
+        assert cfg["hidden_size"] <= 256 and cfg["hidden_size"] % 128 == 0
+    fx = build_fixture(tmp_path / "mla-grouped", "mla-grouped", keep_model=True)
     x = torch.arange(5, 37).unsqueeze(0)
     with torch.no_grad():
         got = load_checkpoint_model(Checkpoint.open(fx.path), dtype=torch.float32)(x).logits
