@@ -14,6 +14,7 @@ from k2mini.commands.fixture import fixture_cmd
 from k2mini.commands.inspect import inspect_cmd
 from k2mini.commands.quantize import quantize_cmd
 from k2mini.commands.run import run_cmd
+from k2mini.commands.teacher import teacher_cmd
 from k2mini.commands.validate import validate_cmd
 from k2mini.errors import K2MiniError
 
@@ -77,6 +78,7 @@ cli.add_command(fixture_cmd)
 cli.add_command(analyze_cmd)
 cli.add_command(run_cmd)
 cli.add_command(validate_cmd)
+cli.add_command(teacher_cmd)
 for _cmd in (convert_cmd, convert_fast_cmd, demo_cmd):
     cli.add_command(_cmd)
 
