@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from k2mini.versioned_file import load_versioned
 
 MANIFEST = "manifest.json"
 CACHE_VERSION = 1
+SHARD_CACHE_BYTES = 1 << 30
 TENSORS = {"input_ids": torch.int32, "topk_ids": torch.int32, "topk_logprobs": torch.float16, "logsumexp": torch.float32}
 
 
@@ -156,7 +158,11 @@ class TeacherCache:
             raise UsageError(f"{flag} {self.path / MANIFEST}: shard sequence counts do not add up to {m.sequences}")
         self._starts = [s.first_sequence for s in m.shards]
         self._verified: set[str] = set()
-        self._loaded: tuple[str, dict[str, torch.Tensor]] | None = None
+        # Shards last used, up to SHARD_CACHE_BYTES: training batches are drawn at random, and
+        # re-reading a shard for every sequence would cost a shard read per sequence.
+        self._loaded: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._bytes = {s.file: s.bytes for s in m.shards}
+        self._held = 0
 
     @property
     def sequences(self) -> int:
@@ -184,8 +190,9 @@ class TeacherCache:
 
     def _shard(self, i: int) -> dict[str, torch.Tensor]:
         entry = self.manifest.shards[i]
-        if self._loaded is not None and self._loaded[0] == entry.file:
-            return self._loaded[1]
+        if entry.file in self._loaded:
+            self._loaded.move_to_end(entry.file)
+            return self._loaded[entry.file]
         path = self.path / entry.file
         where = f"{self.flag} {path}"
         if not path.is_file():
@@ -207,7 +214,11 @@ class TeacherCache:
             t = tensors.get(name)
             if t is None or tuple(t.shape) != shape or t.dtype != TENSORS[name]:
                 raise UsageError(f"{where}: tensor {name} is missing or not {TENSORS[name]}{list(shape)}")
-        self._loaded = (entry.file, tensors)
+        self._loaded[entry.file] = tensors
+        self._held += entry.bytes
+        while len(self._loaded) > 1 and self._held > SHARD_CACHE_BYTES:
+            old, _ = self._loaded.popitem(last=False)
+            self._held -= self._bytes[old]
         return tensors
 
     def _locate(self, seq: int) -> tuple[int, int]:

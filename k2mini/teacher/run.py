@@ -163,13 +163,13 @@ def _options_key(fp: SourceFingerprint, calib: CalibrationSet, k: int, per: int,
 
 
 def run_teacher(ck: Checkpoint, calib: CalibrationSet, tokenizer: TokenizerIdentity, out: Path, opts: TeacherOptions, *,
-                source_arg: str, overwrite: bool = False, resume: bool = False, echo=print) -> tuple[TeacherManifest, list[RankStats]]:
+                source_arg: str, overwrite: bool = False, resume: bool = False) -> tuple[TeacherManifest, list[RankStats]]:
     """Compute this rank's blocks into ``out``'s partial directory; rank 0 then writes the
     manifest and publishes ``out``. Returns the manifest and every rank's stats."""
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list, gather_object
+    from accelerate.utils import gather_object
 
-    from k2mini.output import OutputDir, check_output, partial_dir
+    from k2mini.output import open_on_main_rank, partial_dir
 
     vocab = int(ck.config["vocab_size"])
     check_top_k(opts.top_k, vocab)
@@ -183,30 +183,19 @@ def run_teacher(ck: Checkpoint, calib: CalibrationSet, tokenizer: TokenizerIdent
 
     state = PartialState(cpu=runner.device.type == "cpu")
     rank, world = state.process_index, state.num_processes
-    # Every rank checks the output first (no side effects), so a refusal is the same one-line
-    # error on every rank instead of a hang at the first barrier.
-    check_output(out, source=source_arg, overwrite=overwrite, resume=resume, planned_bytes=planned)
-    od = None
-    failure = [None]
-    if rank == 0:
-        try:
-            od = OutputDir(out, source=source_arg, overwrite=overwrite, resume=resume, planned_bytes=planned).__enter__()
-            opt_path = od.partial / OPTIONS_FILE
-            if od.resumed and opt_path.is_file() and json.loads(opt_path.read_text()) != key:
-                raise UsageError(f"--resume {out}: the interrupted run used other options (source, corpus, --top-k, block size, "
-                                 "device or dtype); rerun without --resume")
-            opt_path.write_text(json.dumps(key, sort_keys=True))
-        except Exception as exc:  # handed to every rank, which all raise it
-            failure = [exc]
-            if od is not None:
-                od.__exit__(None, None, None)
-    if world > 1:
-        broadcast_object_list(failure, from_process=0)
-    if failure[0] is not None:
-        raise failure[0]
+
+    def check_resume(od) -> None:
+        opt_path = od.partial / OPTIONS_FILE
+        if od.resumed and opt_path.is_file() and json.loads(opt_path.read_text()) != key:
+            raise UsageError(f"--resume {out}: the interrupted run used other options (source, corpus, --top-k, block size, "
+                             "device or dtype); rerun without --resume")
+        opt_path.write_text(json.dumps(key, sort_keys=True))
+
+    od = open_on_main_rank(out, state=state, prepare=check_resume, source=source_arg, overwrite=overwrite, resume=resume,
+                           planned_bytes=planned)
     partial = partial_dir(out)
     try:
-        stats = _compute_blocks(runner, calib, blocks, partial, opts, rank, world, resume, echo)
+        stats = _compute_blocks(runner, calib, blocks, partial, opts, rank, world, resume)
         state.wait_for_everyone()
         all_stats = gather_object([stats]) if world > 1 else [stats]
         manifest = None
@@ -233,7 +222,7 @@ def run_teacher(ck: Checkpoint, calib: CalibrationSet, tokenizer: TokenizerIdent
 
 
 def _compute_blocks(runner: LayerwiseRunner, calib: CalibrationSet, blocks, partial: Path, opts: TeacherOptions,
-                    rank: int, world: int, resume: bool, echo) -> RankStats:
+                    rank: int, world: int, resume: bool) -> RankStats:
     mine = blocks[rank::world]
     stats = RankStats(rank=rank)
     todo = []
