@@ -5,10 +5,13 @@ Per method, in bytes per GPU:
   more than one GPU), replicated under DDP;
 - trainable state: for each trainable parameter an FP32 master copy when the weights are
   BF16 (4 B), its gradient (4 B) and AdamW's two moments (8 B); sharded under FSDP;
-- activations: Korthikanti et al.'s count for a transformer layer without recomputation,
-  ``s*b*h*(34 + 5*a*s/h)`` bytes per layer in 16-bit (s tokens per sequence, b sequences
-  per GPU, h hidden, a heads), times the layers; plus one chunk of float32 logits and its
-  gradient (the loss computes the head in chunks of HEAD_CHUNK_BYTES).
+- activations: Korthikanti et al.'s count for a transformer layer, ``34*s*b*h`` bytes in
+  16-bit (s tokens per sequence, b sequences per GPU, h hidden; their ``5*a*s/h`` term for
+  the attention matrix is left out: SDPA's fused kernels never store it). With gradient
+  checkpointing (heal's default on CUDA) each layer keeps only its input (``2*s*b*h``)
+  and one layer's activations exist at a time during recomputation; without it, every
+  layer's. Plus one chunk of float32 logits and its gradient (the loss computes the head in
+  chunks of HEAD_CHUNK_BYTES).
 An estimate, not a measurement: allocator fragmentation and CUDA's own context (about
 0.5-1 GiB) come on top, which the profile's reserved memory stands for.
 """
@@ -39,12 +42,14 @@ def trainable_params(spec: ModelSpec, method: str, lora_rank: int) -> int:
     return n
 
 
-def plan(cfg: dict[str, Any], *, gpus: int, gpu_bytes: int, seq_len: int, batch_per_gpu: int, lora_rank: int) -> dict[str, dict]:
+def plan(cfg: dict[str, Any], *, gpus: int, gpu_bytes: int, seq_len: int, batch_per_gpu: int, lora_rank: int,
+         checkpointing: bool = True) -> dict[str, dict]:
     """Per method: bytes per GPU by part, the total, and whether it fits ``gpu_bytes``."""
     spec = ModelSpec.from_config(cfg)
     params = spec.param_count()
-    s, b, h, a = seq_len, batch_per_gpu, spec.hidden_size, spec.num_attention_heads
-    act_layers = s * b * h * (34 + 5 * a * s / h) * spec.num_hidden_layers
+    s, b, h = seq_len, batch_per_gpu, spec.hidden_size
+    layers = spec.num_hidden_layers
+    act_layers = s * b * h * (2 * layers + 34 if checkpointing else 34 * layers)
     head_positions = min(s * b, max(1, HEAD_CHUNK_BYTES // (spec.vocab_size * 4)))
     logits = 2 * head_positions * spec.vocab_size * 4
     out = {}
@@ -61,4 +66,5 @@ def plan(cfg: dict[str, Any], *, gpus: int, gpu_bytes: int, seq_len: int, batch_
             "total": int(total), "fits": total <= gpu_bytes,
             "max_batch_per_gpu": max(0, math.floor((gpu_bytes - weights - state - logits) / max(1, act_layers / max(b, 1)))),
         }
-    return {"params": params, "gpus": gpus, "gpu_bytes": gpu_bytes, "seq_len": seq_len, "batch_per_gpu": b, "methods": out}
+    return {"params": params, "gpus": gpus, "gpu_bytes": gpu_bytes, "seq_len": seq_len, "batch_per_gpu": b,
+            "gradient_checkpointing": checkpointing, "methods": out}
