@@ -188,7 +188,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 @click.command()
-@click.option("--models", required=True, help="NAME=DIR[,NAME=DIR...] of trained nano K2 checkpoints.")
+@click.option("--models", default=None, help="NAME=DIR[,NAME=DIR...] of trained nano K2 checkpoints.")
+@click.option("--combine", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Instead of running: merge the rows of earlier result JSONs (one model each, run in parallel) into OUT.")
 @click.option("--cuts", default="e2,e8,l4", show_default=True, help="Which cuts: e2 (2 of 32 experts), e8, l4 (4 of 9 layers).")
 @click.option("--steps", default=100, show_default=True, help="Heal steps per run.")
 @click.option("--batch-size", default=16, show_default=True, help="Sequences per step.")
@@ -202,7 +204,8 @@ def plot(rows: list[dict], path: Path) -> None:
 @click.option("--work", default="/tmp/k2mini-heal-study", show_default=True, type=click.Path(path_type=Path),
               help="Analyses, cuts and teacher caches (reused when present).")
 @click.option("--out", "out_name", default="study_heal", show_default=True, help="Result file stem under analysis/results/.")
-def main(models, cuts, steps, batch_size, seeds, lr_router, lr_lora, lr_full, teacher_samples, eval_windows, seq_len, work, out_name):
+def main(models, combine, cuts, steps, batch_size, seeds, lr_router, lr_lora, lr_full, teacher_samples, eval_windows, seq_len, work,
+         out_name):
     """Run the healing study and write analysis/results/OUT.{json,md,png}."""
     from k2mini.heal.recipe import DEFAULT_LR
 
@@ -210,7 +213,16 @@ def main(models, cuts, steps, batch_size, seeds, lr_router, lr_lora, lr_full, te
     lrs = {"router": lr_router or DEFAULT_LR["router"], "lora": lr_lora or DEFAULT_LR["lora"], "full": lr_full or DEFAULT_LR["full"]}
     rows = []
     t0 = time.perf_counter()
-    for spec in models.split(","):
+    if combine:
+        parts = [json.loads(p.read_text()) for p in combine]
+        rows = [r for part in parts for r in part["rows"]]
+        lrs, steps, batch_size, seq_len = parts[0]["lrs"], parts[0]["steps"], parts[0]["batch_size"], parts[0]["seq_len"]
+        teacher_samples = parts[0]["teacher_tokens"] // seq_len
+        eval_windows = parts[0]["eval_tokens_per_domain"] // seq_len
+        t0 -= sum(part["seconds"] for part in parts)  # the runs' own time, not the merge's
+    elif not models:
+        raise click.UsageError("give --models or --combine")
+    for spec in models.split(",") if not combine else []:
         name, _, path = spec.partition("=")
         rows += run_model(name, Path(path), work / name, cuts.split(","), steps, seeds, batch_size, lrs, teacher_samples,
                           eval_windows, seq_len)

@@ -266,7 +266,7 @@ def test_a_corrupt_cache_shard_is_refused_before_training(pair, tmp_path):
 
 def test_outputs_inside_the_inputs_and_existing_outputs_are_refused(pair, tmp_path):
     src, reduced, teacher = pair
-    for inside in (reduced / "healed", teacher / "healed"):
+    for inside in (reduced / "healed", teacher / "healed", Path(src) / "healed"):
         _one_line(CliRunner().invoke(cli, ["heal", str(reduced), "-t", str(teacher), "-o", str(inside)]), "inside")
         assert not inside.exists()
     existing = tmp_path / "existing"
