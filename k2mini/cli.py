@@ -11,9 +11,11 @@ from k2mini import __version__
 from k2mini.commands.analyze import analyze_cmd
 from k2mini.commands.convert import convert_cmd, convert_fast_cmd, demo_cmd
 from k2mini.commands.fixture import fixture_cmd
+from k2mini.commands.heal import heal_cmd
 from k2mini.commands.inspect import inspect_cmd
 from k2mini.commands.quantize import quantize_cmd
 from k2mini.commands.run import run_cmd
+from k2mini.commands.teacher import teacher_cmd
 from k2mini.commands.validate import validate_cmd
 from k2mini.errors import K2MiniError
 
@@ -67,6 +69,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
       k2mini quantize ./k2-mini --bits 4 -o ./k2-mini-int4
       k2mini validate ./k2-mini-int4 --gpu h100 --reference ./Kimi-K2-Instruct
       k2mini run ./Kimi-K2-Instruct --offload --budget 60GB --prompt "Hello"
+      k2mini teacher -s ./Kimi-K2-Instruct -o ./k2.teacher --calib corpus.jsonl --tokens 10000000
+      k2mini heal ./k2-mini --teacher ./k2.teacher -o ./k2-mini-healed
     """
     ctx.obj = {"debug": debug}
 
@@ -77,6 +81,8 @@ cli.add_command(fixture_cmd)
 cli.add_command(analyze_cmd)
 cli.add_command(run_cmd)
 cli.add_command(validate_cmd)
+cli.add_command(teacher_cmd)
+cli.add_command(heal_cmd)
 for _cmd in (convert_cmd, convert_fast_cmd, demo_cmd):
     cli.add_command(_cmd)
 

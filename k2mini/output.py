@@ -184,3 +184,30 @@ class OutputDir:
     def __exit__(self, *exc) -> None:
         # On failure the partial directory stays for --resume; it is hidden and named partial.
         self._release()
+
+
+def open_on_main_rank(out: str | os.PathLike, *, state, prepare=None, **kwargs) -> OutputDir | None:
+    """An ``OutputDir`` for a data-parallel run (``state``: accelerate's PartialState):
+    rank 0 opens and locks it (then calls ``prepare(od)``, which may refuse), and every rank
+    raises the same error if either fails, instead of the others hanging at a barrier.
+    Returns the OutputDir on rank 0 (the caller exits it), None elsewhere; every rank may
+    write into ``partial_dir(out)`` once this returns."""
+    check_output(out, **kwargs)
+    od, failure = None, [None]
+    if state.is_main_process:
+        try:
+            od = OutputDir(out, **kwargs).__enter__()
+            if prepare is not None:
+                prepare(od)
+        except Exception as exc:  # handed to every rank, which all raise it
+            failure = [exc]
+            if od is not None:
+                od.__exit__(None, None, None)
+                od = None
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(failure, from_process=0)
+    if failure[0] is not None:
+        raise failure[0]
+    return od

@@ -121,3 +121,16 @@ def test_reader_equals_transformers_finegrained_fp8_dequantize_on_aligned_shapes
     for k, v in ours.items():
         assert torch.equal(v, theirs[k]), k
     shutil.rmtree(tmp_path)
+
+
+def test_dequantize_leaves_torchs_thread_count_as_it_was():
+    """numba's OpenMP layer raises the process's OpenMP thread count when it starts; a rank
+    pinned to one thread must stay on one."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        w = torch.randn(256, 256).to(torch.float8_e4m3fn)
+        fp8.dequantize(w, torch.ones(2, 2))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -56,6 +56,7 @@ class AnalyzeOptions:
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     progress: bool = True
     output_error_tokens: int = DEFAULT_OUTPUT_ERROR_TOKENS  # 0: no output-error order
+    device: str = "cpu"  # where the resident layer and the batch being computed live
 
 
 class ExpertAccumulator:
@@ -222,7 +223,7 @@ def analyze(
         raise UsageError("--output-error-tokens must be >= 0")
     sample = output_error_sample(n_main * seq_len, opts.output_error_tokens, calib.info.seed) if opts.output_error_tokens and n_exp else None
 
-    runner = LayerwiseRunner(ck, memory_budget=opts.memory_budget, spill_dir=work / "tmp")
+    runner = LayerwiseRunner(ck, memory_budget=opts.memory_budget, spill_dir=work / "tmp", device=opts.device)
     spilled = runner.stores.spills(n_main * seq_len * runner.hidden * 4, 4)
     layers: list[LayerStats] = []
     last: list[torch.Tensor] = []  # boundary last-token states of the main sequences
@@ -318,7 +319,7 @@ def _skip_nll(runner: LayerwiseRunner, h: ActivationStore, ids: torch.Tensor, n_
     targets = ids[:, 1:].reshape(-1)
 
     def nll(s0: int) -> float:
-        x = norm(h.data[s0 : s0 + ns, :-1].to(runner.dtype)).reshape(-1, runner.hidden)
+        x = norm(runner._on(h.data[s0 : s0 + ns, :-1])).reshape(-1, runner.hidden)
         return token_nll(runner, x, targets).mean().item()
 
     baseline = nll(0)

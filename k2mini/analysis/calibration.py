@@ -98,7 +98,9 @@ def build_calibration(
     rng = random.Random(seed)
     rows, described = [], []
     for src, n in zip(sources, share):
-        docs = src.documents()
+        docs = [d for d in src.documents() if d.strip()]
+        if not docs:
+            raise UsageError(f"--calib {src.what}: no text in it")
         rng.shuffle(docs)
         need = n * seq_len
         stream: list[int] = []

@@ -45,7 +45,15 @@ def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK
     elif out.dtype != torch.bfloat16 or tuple(out.shape) != (rows, cols) or not out.is_contiguous() or out.device.type != "cpu":
         raise ValueError(f"dequantize: out must be a contiguous CPU bfloat16 tensor of shape {[rows, cols]}")
     if weight.numel():
+        # numba's OpenMP threading layer sets the process-wide OpenMP thread count to every
+        # core when it starts, which silently raised torch's too (a rank under torchrun with
+        # OMP_NUM_THREADS=1 ran 2 threads after its first FP8 read): the kernel uses torch's
+        # count, and torch's is put back.
+        threads = torch.get_num_threads()
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         _dequant_kernel(weight.contiguous().view(torch.int8).numpy(), col_scale.numpy(), block, out.view(torch.int16).numpy())
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
     return out
 
 

@@ -45,6 +45,10 @@ def _parse_size(text: str) -> int:
 @click.option("--weight-norms", is_flag=True, help="Also record every expert's weight norm (reads every expert once).")
 @click.option("--memory-budget", default="4G", show_default=True,
               help="RAM for carried activations; beyond it they are kept on disk in the work directory.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the resident layer and the batch being computed live: cpu, cuda, cuda:N or auto (under torchrun, "
+                   "each rank's local GPU). Carried activations stay in host RAM or on disk. The results do not depend on it "
+                   "beyond float rounding.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where per-layer state is kept for --resume (default: OUTPUT.work).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run after its last finished layer.")
@@ -53,7 +57,7 @@ def _parse_size(text: str) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Print analysis.json to stdout instead of the summary.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def analyze_cmd(source, output, calib, samples, seq_len, seed, nll, nll_samples, output_error, output_error_tokens, weight_norms,
-                memory_budget, work_dir, resume, plots, as_json, quiet) -> None:
+                memory_budget, device, work_dir, resume, plots, as_json, quiet) -> None:
     """Run calibration text through SOURCE one decoder layer at a time and score every
     layer and routed expert; writes analysis.json for `convert --analysis`.
 
@@ -78,12 +82,15 @@ def analyze_cmd(source, output, calib, samples, seq_len, seed, nll, nll_samples,
     if nll_samples < 1:
         raise UsageError("--nll-samples must be >= 1")
     budget = _parse_size(memory_budget)
+    from k2mini.model.device import resolve_device
+
+    device = str(resolve_device(device))  # a bad --device before any read
     ck = Checkpoint.open(source)
     if int(ck.config.get("num_hidden_layers") or 0) < 1:
         raise UsageError(f"{source}/config.json: num_hidden_layers must be >= 1")
     calib_set = build_calibration(load_tokenizer(ck), list(calib) or None, samples=samples, seq_len=seq_len, seed=seed)
     opts = AnalyzeOptions(nll=nll, nll_samples=nll_samples, weight_norms=weight_norms, memory_budget=budget, progress=not quiet,
-                          output_error_tokens=output_error_tokens if output_error else 0)
+                          output_error_tokens=output_error_tokens if output_error else 0, device=device)
     work = work_dir or output.with_name(output.name + ".work")
     for path, flag in ((output, "--output"), (work, "--work-dir")):
         refuse_output_inside(source, path, flag=flag)  # robustness: never write into the source

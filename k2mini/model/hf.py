@@ -64,6 +64,26 @@ def fuse_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def unfuse_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' fused expert tensors -> K2's per-expert names (the inverse of
+    ``fuse_experts``); the per-expert tensors are views of the fused ones."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name[: -len("gate_up_proj")]
+            inter = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{prefix}{e}.gate_proj.weight"] = t[e, :inter]
+                out[f"{prefix}{e}.up_proj.weight"] = t[e, inter:]
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            for e in range(t.shape[0]):
+                out[f"{prefix}{e}.down_proj.weight"] = t[e]
+        else:
+            out[name] = t
+    return out
+
+
 def build_model(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
     """A DeepseekV3ForCausalLM holding exactly ``tensors`` (K2 names); strict about keys."""
     from transformers import DeepseekV3ForCausalLM

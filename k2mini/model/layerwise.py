@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from k2mini.checkpoint.prefetch import PrefetchedCheckpoint, Prefetcher, raw_read_order
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.errors import UsageError
+from k2mini.model.device import resolve_device
 from k2mini.model.hf import hf_config
 
 DEFAULT_MEMORY_BUDGET = 4 << 30  # bytes of activations kept in RAM before spilling to disk
@@ -128,7 +129,8 @@ class StoreFactory:
 class LayerObserver:
     """Hooks the runner calls while it computes; ``analyze`` turns them into metrics.
 
-    Token indices are flat indices into the ``[n_seq * seq_len]`` tokens of the store.
+    Token indices are flat indices into the ``[n_seq * seq_len]`` tokens of the store. Every
+    tensor handed to a hook is on the host, whatever device the runner computes on.
     """
 
     def routed(self, layer: int, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> None:
@@ -195,10 +197,23 @@ def read_rows(ck: Checkpoint, name: str, rows: torch.Tensor | slice) -> torch.Te
     return table[inverse].reshape(*rows.shape, *info.shape[1:])
 
 
-def _load_module(module: torch.nn.Module, ck: Checkpoint, prefix: str, dtype: torch.dtype) -> torch.nn.Module:
+def read_on(ck: Checkpoint, name: str, device: torch.device) -> torch.Tensor:
+    """A tensor for computation on ``device``: FP8 weights are copied as FP8 bytes (half the
+    transfer of BF16) and dequantized there, by the torch formula of ``fp8.dequantize``; on
+    CPU the reader's own kernel dequantizes."""
+    if device.type == "cpu" or not ck.is_fp8(name):
+        return ck.read(name).to(device)
+    from k2mini.checkpoint import fp8
+
+    w, s = ck.read_fp8(name)
+    return fp8.dequantize(w.to(device), s.to(device))
+
+
+def _load_module(module: torch.nn.Module, ck: Checkpoint, prefix: str, dtype: torch.dtype,
+                 device: torch.device = torch.device("cpu")) -> torch.nn.Module:
     """Fill a meta-device transformers module with the checkpoint's tensors under ``prefix``."""
     names = list(module.state_dict(keep_vars=True))
-    sd = {n: ck.read(prefix + n).to(dtype) for n in names}
+    sd = {n: read_on(ck, prefix + n, device).to(dtype) for n in names}
     module.load_state_dict(sd, strict=True, assign=True)
     return module.eval()
 
@@ -254,6 +269,7 @@ class LayerwiseRunner:
         spill_dir: str | Path | None = None,
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
         attn_implementation: str = "sdpa",
+        device: str | torch.device = "cpu",
     ):
         from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
 
@@ -262,9 +278,13 @@ class LayerwiseRunner:
         self.hf_cfg = hf_config(ck.config)
         self.hf_cfg._attn_implementation = attn_implementation
         self.dtype = dtype
+        # Weights of the resident layer and the batch being computed live here; the
+        # activations carried between layers stay in host RAM (or on disk), so the device
+        # holds one layer plus one batch whatever the number of tokens.
+        self.device = resolve_device(device)
         self.stores = StoreFactory(memory_budget, spill_dir)
         self.batch_tokens = batch_tokens
-        self.rotary = DeepseekV3RotaryEmbedding(self.hf_cfg)
+        self.rotary = DeepseekV3RotaryEmbedding(self.hf_cfg).to(self.device)
         self.hidden = int(self.cfg["hidden_size"])
         self.n_layers = int(self.cfg["num_hidden_layers"])
         self.first_dense = int(self.cfg.get("first_k_dense_replace", 0))
@@ -291,7 +311,7 @@ class LayerwiseRunner:
 
         with torch.device("meta"):
             norm = DeepseekV3RMSNorm(self.hidden, eps=self.hf_cfg.rms_norm_eps)
-        return _load_module(norm, self.ck, "model.norm.", self.dtype)
+        return _load_module(norm, self.ck, "model.norm.", self.dtype, self.device)
 
     def head_name(self) -> str:
         return "lm_head.weight" if "lm_head.weight" in self.ck.tensors else "model.embed_tokens.weight"
@@ -301,13 +321,13 @@ class LayerwiseRunner:
         name = self.head_name()
         vocab = self.ck.info(name).shape[0]
         for r0 in range(0, vocab, rows_per_block):
-            yield r0, read_rows(self.ck, name, slice(r0, min(vocab, r0 + rows_per_block))).to(self.dtype)
+            yield r0, read_rows(self.ck, name, slice(r0, min(vocab, r0 + rows_per_block))).to(self.device, self.dtype)
 
     # -- one layer --
 
     def _positions(self, seq_len: int, like: torch.Tensor):
         if seq_len not in self._position_cache:
-            pos = torch.arange(seq_len).unsqueeze(0)
+            pos = torch.arange(seq_len, device=self.device).unsqueeze(0)
             self._position_cache[seq_len] = (pos, self.rotary(like, pos))
         return self._position_cache[seq_len]
 
@@ -315,6 +335,10 @@ class LayerwiseRunner:
         from transformers.masking_utils import create_causal_mask
 
         return create_causal_mask(config=self.hf_cfg, inputs_embeds=h, attention_mask=attention_mask, past_key_values=None, position_ids=pos)
+
+    def _on(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor as the compute device and dtype take it."""
+        return t.to(self.device, self.dtype, non_blocking=False)
 
     def _batches(self, n_seq: int, seq_len: int) -> Iterator[tuple[int, int]]:
         per = max(1, self.batch_tokens // max(1, seq_len))
@@ -342,32 +366,32 @@ class LayerwiseRunner:
         with torch.device("meta"):
             block = DeepseekV3DecoderLayer(self.hf_cfg, layer)
         for part in ("input_layernorm", "self_attn", "post_attention_layernorm"):
-            _load_module(getattr(block, part), self.ck, f"{prefix}{part}.", self.dtype)
+            _load_module(getattr(block, part), self.ck, f"{prefix}{part}.", self.dtype, self.device)
 
         h_out = self.stores.make(n_seq + extra_seqs, seq_len, hid, name=f"h{layer}")  # residual after attention, then layer output
         xn = self.stores.make(n_seq, seq_len, hid, name=f"x{layer}")  # post-attention norm (MLP input)
         for s0, s1 in self._batches(n_seq, seq_len):
-            h = h_in.data[s0:s1].to(self.dtype)
+            h = h_in.data[s0:s1].to(self.device, self.dtype)
             pos, pe = self._positions(seq_len, h)
-            am = attention_mask[s0:s1] if attention_mask is not None else None
+            am = attention_mask[s0:s1].to(self.device) if attention_mask is not None else None
             a, _ = block.self_attn(hidden_states=block.input_layernorm(h), position_embeddings=pe,
                                    attention_mask=self._mask(h, pos, am), position_ids=pos)
             hm = h + a
-            h_out.data[s0:s1] = hm.float()
-            xn.data[s0:s1] = block.post_attention_layernorm(hm).float()
+            h_out.data[s0:s1] = hm.float().cpu()
+            xn.data[s0:s1] = block.post_attention_layernorm(hm).float().cpu()
         del block.self_attn, block.input_layernorm, block.post_attention_layernorm
 
         if not self.is_moe(layer):
-            mlp = _load_module(block.mlp, self.ck, f"{prefix}mlp.", self.dtype)
+            mlp = _load_module(block.mlp, self.ck, f"{prefix}mlp.", self.dtype, self.device)
             for s0, s1 in self._batches(n_seq, seq_len):
-                h_out.data[s0:s1] = (h_out.data[s0:s1].to(self.dtype) + mlp(xn.data[s0:s1].to(self.dtype))).float()
+                h_out.data[s0:s1] = (self._on(h_out.data[s0:s1]) + mlp(self._on(xn.data[s0:s1]))).float().cpu()
             del mlp
         else:
             routed = self._moe_routed(layer, xn, obs)
-            shared = _load_module(block.mlp.shared_experts, self.ck, f"{prefix}mlp.shared_experts.", self.dtype)
+            shared = _load_module(block.mlp.shared_experts, self.ck, f"{prefix}mlp.shared_experts.", self.dtype, self.device)
             for s0, s1 in self._batches(n_seq, seq_len):
-                moe = routed.data[s0:s1].to(self.dtype) + shared(xn.data[s0:s1].to(self.dtype))
-                h_out.data[s0:s1] = (h_out.data[s0:s1].to(self.dtype) + moe).float()
+                moe = self._on(routed.data[s0:s1]) + shared(self._on(xn.data[s0:s1]))
+                h_out.data[s0:s1] = (self._on(h_out.data[s0:s1]) + moe).float().cpu()
             del shared
             routed.close()
         xn.close()
@@ -380,17 +404,17 @@ class LayerwiseRunner:
         """Sum over routed experts of g_j(x) f_j(x), reading only experts with tokens (every
         expert when the observer needs them all)."""
         prefix = f"model.layers.{layer}.mlp."
-        gate_w = self.ck.read(prefix + "gate.weight").float()
+        gate_w = read_on(self.ck, prefix + "gate.weight", self.device).float()
         gate_rows = gate_w.shape[0]
         bias_name = prefix + "gate.e_score_correction_bias"
-        bias = self.ck.read(bias_name).float() if bias_name in self.ck.tensors else None
+        bias = read_on(self.ck, bias_name, self.device).float() if bias_name in self.ck.tensors else None
         x_flat = xn.flat()
-        obs.moe_input(layer, x_flat, gate_w, bias)
+        obs.moe_input(layer, x_flat, gate_w.cpu(), bias.cpu() if bias is not None else None)
         idx_parts, w_parts = [], []
         for t0 in range(0, x_flat.shape[0], _EXPERT_CHUNK):
-            i, w = route(x_flat[t0 : t0 + _EXPERT_CHUNK].to(self.dtype), gate_w, bias, self.cfg)
-            idx_parts.append(i)
-            w_parts.append(w)
+            i, w = route(self._on(x_flat[t0 : t0 + _EXPERT_CHUNK]), gate_w, bias, self.cfg)
+            idx_parts.append(i.cpu())
+            w_parts.append(w.cpu())
         del gate_w
         idx, weight = torch.cat(idx_parts), torch.cat(w_parts)
         obs.routed(layer, idx, weight)
@@ -405,20 +429,23 @@ class LayerwiseRunner:
         largest = max((self.ck.info(n).nbytes for n in names), default=0)
         prefetcher = Prefetcher(self.ck, raw_read_order(self.ck, names), budget=(self.ck.source.concurrency + 2) * largest)
         ck = PrefetchedCheckpoint(self.ck, prefetcher)
+        # Observers see host tensors; expert weights are copied back only for one that looks.
+        wants_weights = type(obs).expert_weights is not LayerObserver.expert_weights
         try:
             for e in hit:
                 # Same token order as transformers' DeepseekV3Experts: by top-k slot, then token.
                 kpos, tok = torch.where((idx == e).T)
                 ep = f"{prefix}experts.{e}."
-                wg = ck.read(ep + "gate_proj.weight").to(self.dtype)
-                wu = ck.read(ep + "up_proj.weight").to(self.dtype)
-                wd = ck.read(ep + "down_proj.weight").to(self.dtype)
-                obs.expert_weights(layer, e, wg, wu, wd)
+                wg = read_on(ck, ep + "gate_proj.weight", self.device).to(self.dtype)
+                wu = read_on(ck, ep + "up_proj.weight", self.device).to(self.dtype)
+                wd = read_on(ck, ep + "down_proj.weight", self.device).to(self.dtype)
+                if wants_weights:
+                    obs.expert_weights(layer, e, wg.cpu(), wu.cpu(), wd.cpu())
                 for c0 in range(0, tok.numel(), _EXPERT_CHUNK):
                     t = tok[c0 : c0 + _EXPERT_CHUNK]
                     g = weight[t, kpos[c0 : c0 + _EXPERT_CHUNK]]
-                    x = x_flat[t].to(self.dtype)
-                    f = F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+                    x = self._on(x_flat[t])
+                    f = F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd).cpu()
                     obs.expert_output(layer, e, t, g, f)
                     # A token picks an expert at most once, so ``t`` has no repeats and a plain
                     # gather-add-scatter is exact (index_add_ was far slower on CPU).
@@ -453,6 +480,7 @@ def stream_forward(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     spill_dir: str | Path | None = None,
     progress: bool = False,
+    device: str | torch.device = "cpu",
 ) -> StreamOutput:
     """The checkpoint's forward pass on ``input_ids`` ``[B, T]``, one layer resident at a time.
 
@@ -465,7 +493,7 @@ def stream_forward(
     """
     if input_ids.dim() != 2:
         raise UsageError(f"input_ids must be [batch, seq_len], got shape {list(input_ids.shape)}")
-    runner = LayerwiseRunner(ck, dtype=dtype, memory_budget=memory_budget, spill_dir=spill_dir)
+    runner = LayerwiseRunner(ck, dtype=dtype, memory_budget=memory_budget, spill_dir=spill_dir, device=device)
     order = list(range(runner.n_layers)) if layers is None else list(layers)
     h = runner.embed(input_ids)
     states = [h.data.clone()] if return_hidden_states else None
@@ -481,11 +509,12 @@ def stream_forward(
         if states is not None:
             states.append(h.data.clone())
     norm = runner.final_norm()
-    last = norm(h.data.to(dtype)).float()
+    last = norm(runner._on(h.data)).float().cpu()
     h.close()
     out_logits = None
     if logits:
-        blocks = [(last.to(dtype) @ w.T).float() for _, w in runner.head_blocks()]
+        x = runner._on(last)
+        blocks = [(x @ w.T).float().cpu() for _, w in runner.head_blocks()]
         out_logits = torch.cat(blocks, dim=-1)
     return StreamOutput(out_logits, last, states)
 
@@ -496,9 +525,9 @@ def token_nll(runner: LayerwiseRunner, normed: torch.Tensor, targets: torch.Tens
     hidden states ``[N, H]``, streaming the lm_head in row blocks (no full logits)."""
     lse = torch.full((normed.shape[0],), float("-inf"))
     tgt = torch.zeros(normed.shape[0])
-    x = normed.to(runner.dtype)
+    x = runner._on(normed)
     for r0, w in runner.head_blocks():
-        lg = (x @ w.T).float()
+        lg = (x @ w.T).float().cpu()
         lse = torch.logaddexp(lse, lg.logsumexp(-1))
         inside = (targets >= r0) & (targets < r0 + w.shape[0])
         if inside.any():

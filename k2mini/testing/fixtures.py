@@ -178,21 +178,9 @@ def _model_tensors(spec: FixtureSpec, cfg: dict[str, Any], seed: int):
 def k2_named_tensors(model) -> dict[str, torch.Tensor]:
     """A transformers DeepseekV3 model's weights under K2 names (per-expert tensors are
     views of the fused ones: they share storage with the model)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
-        if name.endswith("mlp.experts.gate_up_proj"):
-            prefix = name[: -len("gate_up_proj")]
-            inter = t.shape[1] // 2
-            for e in range(t.shape[0]):
-                out[f"{prefix}{e}.gate_proj.weight"] = t[e, :inter]
-                out[f"{prefix}{e}.up_proj.weight"] = t[e, inter:]
-        elif name.endswith("mlp.experts.down_proj"):
-            prefix = name[: -len("down_proj")]
-            for e in range(t.shape[0]):
-                out[f"{prefix}{e}.down_proj.weight"] = t[e]
-        else:
-            out[name] = t
-    return out
+    from k2mini.model.hf import unfuse_experts
+
+    return unfuse_experts(model.state_dict())
 
 
 def snap_to_stored(out: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

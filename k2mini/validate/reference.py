@@ -48,7 +48,7 @@ def compare_with_source(source: str, model, reduced_ck: Checkpoint, ids: torch.T
     if v_src != v_red:
         raise UsageError(f"--reference {source}: vocab_size {v_src} differs from the reduced model's {v_red}")
     red_logits = model(ids.to(device)).logits.float().cpu()
-    src_logits = stream_forward(src, ids, dtype=torch.float32, progress=progress).logits
+    src_logits = stream_forward(src, ids, dtype=torch.float32, progress=progress, device=device).logits
     m = compare_logits(src_logits, red_logits, ids)
     findings: list[Finding] = []
     if not all(math.isfinite(v) for v in m.values()):

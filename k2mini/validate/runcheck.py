@@ -16,20 +16,11 @@ from pathlib import Path
 import torch
 
 from k2mini.checkpoint.reader import Checkpoint
+from k2mini.model.device import resolve_device
 from k2mini.validate.report import Finding, ModuleStat, RouterStat, RunReport
 from k2mini.validate.static import ALL, FP16_MAX
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        from k2mini.errors import UsageError
-
-        raise UsageError(f"--device {device}: no CUDA device is visible to torch")
-    return device
 
 
 def resolve_dtype(dtype: str, device: str, cfg: dict | None = None) -> torch.dtype:
@@ -193,7 +184,7 @@ def _weights_agree(model, ck: Checkpoint, findings: list[Finding]) -> None:
 def run_checks(out: str | Path, ck: Checkpoint, *, device: str = "auto", dtype: str = "auto", n_seqs: int = 4,
                seq_len: int = 128, max_new_tokens: int = 16) -> tuple[RunReport, object | None, torch.Tensor]:
     """(report, loaded model or None, held-out ids) — the model is reused by --reference."""
-    device = resolve_device(device)
+    device = str(resolve_device(device))
     tdtype = resolve_dtype(dtype, device, ck.config)
     dname = str(tdtype).removeprefix("torch.")
     findings: list[Finding] = []

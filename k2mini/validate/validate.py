@@ -71,12 +71,11 @@ class ValidateOptions:
 def validate(out: str | Path, opts: ValidateOptions) -> ValidationReport:
     from k2mini.validate.gpus import load_profile
     from k2mini.validate.memory import memory_plan
+    from k2mini.model.device import resolve_device
     from k2mini.validate.static import run_static
 
-    from k2mini.validate.runcheck import resolve_device
-
     opts.check()
-    device = resolve_device(opts.device) if "run" not in opts.skip else opts.device  # bad --device before any work
+    device = str(resolve_device(opts.device)) if "run" not in opts.skip else opts.device  # bad --device before any work
     profile = load_profile(opts.gpu) if opts.gpu and "memory" not in opts.skip else None
     ck = Checkpoint.open(out)
     report = ValidationReport(output=str(out), checks=opts.requested())

@@ -1,0 +1,141 @@
+"""``k2mini teacher``: run the unpruned source once over a corpus and cache its predictions."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+
+from k2mini.commands.analyze import _parse_size
+from k2mini.errors import UsageError
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+@click.command("teacher")
+@click.option("--source", "-s", required=True, help="The unpruned source checkpoint (K2 / DeepSeek-V3 format): a directory or a Hub repo id org/name[@revision].")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="The cache directory to write.")
+@click.option("--calib", "calib", multiple=True, metavar="[NAME=]SPEC",
+              help="Corpus, repeatable, as for analyze: builtin (prose+code), builtin:prose, builtin:code, a text file or "
+                   "a .jsonl file with a 'text' field (FILE.jsonl:FIELD for another field). Default: builtin.")
+@click.option("--samples", type=click.IntRange(min=1), default=None, help="Sequences in the corpus [default: 32] (split evenly across sources).")
+@click.option("--seq-len", default=512, show_default=True, type=int, help="Tokens per sequence.")
+@click.option("--tokens", type=click.IntRange(min=1), default=None, help="Instead of --samples: at least this many tokens (whole sequences).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Shuffles each source's documents before they are cut into sequences.")
+@click.option("--top-k", default=64, show_default=True, type=int, help="Teacher log-probs kept per position (392 bytes per token at 64).")
+@click.option("--memory-budget", default="4G", show_default=True,
+              help="RAM for the activations of one block of sequences; sets the block size unless --block-sequences does "
+                   "(beyond the budget activations are kept on disk).")
+@click.option("--block-sequences", type=click.IntRange(min=1), default=None,
+              help="Sequences per block: each block is one sweep through every layer (the source is read once per block) "
+                   "and one shard. Default: as many as fit --memory-budget.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where the resident layer and the batch being computed live: auto (CUDA if present; under torchrun each "
+                   "rank's local GPU), cpu, cuda, cuda:N. FP8 weights are copied as FP8 and dequantized there.")
+@click.option("--dtype", "dtype_name", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+              help="Compute dtype: auto = float32 on CPU, bfloat16 on CUDA.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output (only once the new one is complete).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run: finished blocks are kept (each block file is complete once it exists) and "
+                   "only the missing ones are computed; the result is byte-identical to an uninterrupted run.")
+@click.option("--dry-run", is_flag=True, help="Print tokens, cache bytes, bytes read per layer and a time estimate from a short probe; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result (or the --dry-run estimate) as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def teacher_cmd(source, output, calib, samples, seq_len, tokens, seed, top_k, memory_budget, block_sequences, device, dtype_name,
+                overwrite, resume, dry_run, as_json, quiet) -> None:
+    """Run SOURCE (the unpruned model) once over a corpus, one decoder layer at a time, and
+    cache what it predicts at every position: the top-k token ids and their log-probs (of the
+    full softmax) plus the log-sum-exp of the full logits, so the tail mass is exact.
+    `k2mini heal` trains a reduced model on the cache.
+
+    The corpus is cut into blocks of whole sequences; each block is one sweep through every
+    layer and one shard, so memory stays that of one block however large the corpus, and
+    --resume continues after the last finished block.
+
+    Data-parallel: launch with torchrun or accelerate launch; rank r computes blocks r, r+N,
+    ... and the cache equals a one-process run byte for byte.
+
+    \b
+    Examples:
+      k2mini teacher -s ./Kimi-K2-Instruct -o ./k2.teacher --calib corpus.jsonl --tokens 10000000 --seq-len 4096
+      k2mini teacher -s ./tiny-k2 -o ./tiny.teacher --samples 64 --seq-len 128 --top-k 32
+      k2mini teacher -s ./Kimi-K2-Instruct -o ./k2.teacher --calib corpus.jsonl --tokens 10000000 --dry-run
+      torchrun --nproc_per_node 8 $(which k2mini) teacher -s ./Kimi-K2-Instruct -o ./k2.teacher --calib corpus.jsonl \\
+          --tokens 10000000 --seq-len 4096 --block-sequences 256
+      k2mini teacher -s ./Kimi-K2-Instruct -o ./k2.teacher --calib corpus.jsonl --tokens 10000000 --resume
+    """
+    import torch
+
+    from k2mini.analysis.calibration import build_calibration
+    from k2mini.analysis.tokenizer import load_tokenizer
+    from k2mini.checkpoint.reader import Checkpoint
+    from k2mini.model.device import resolve_device
+    from k2mini.output import check_output
+    from k2mini.teacher.run import TeacherOptions, check_top_k, estimate, run_teacher, tokenizer_identity
+
+    if samples is not None and tokens is not None:
+        raise UsageError("--samples and --tokens: give one of them")
+    if seq_len < 2:
+        raise UsageError(f"--seq-len {seq_len}: must be >= 2")
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite: give one of them")
+    n_samples = math.ceil(tokens / seq_len) if tokens is not None else (samples or 32)
+    budget = _parse_size(memory_budget)
+    dev = resolve_device(device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype_name) or (torch.float32 if dev.type == "cpu" else torch.bfloat16)
+    ck = Checkpoint.open(source)
+    check_top_k(top_k, int(ck.config["vocab_size"]))
+    if not dry_run:
+        check_output(output, source=source, overwrite=overwrite, resume=resume)  # before the corpus is tokenized
+    tok = load_tokenizer(ck)
+    calib_set = build_calibration(tok, list(calib) or None, samples=n_samples, seq_len=seq_len, seed=seed)
+    opts = TeacherOptions(top_k=top_k, memory_budget=budget, block_sequences=block_sequences, device=str(dev), dtype=dtype,
+                          progress=not quiet and not as_json)
+    if dry_run:
+        est = estimate(ck, calib_set, opts)
+        if as_json:
+            click.echo(json.dumps(est, indent=1))
+            return
+        click.echo(f"teacher (dry run, nothing written): {est['tokens']:,} tokens = {est['sequences']:,} sequences x {seq_len}, "
+                   f"top-k {top_k}, on {est['device']}")
+        click.echo(f"  cache: {_human(est['cache_bytes'])} ({est['bytes_per_token']} B/token) in {est['blocks']} block(s) "
+                   f"of {est['block_sequences']} sequences")
+        click.echo(f"  reads: at most {_human(est['bytes_read_per_sweep'])} per sweep (largest layer "
+                   f"{_human(max(est['bytes_read_per_layer'], default=0))}; MoE layers read only routed experts), "
+                   f"{_human(est['bytes_read_total'])} in all")
+        click.echo(f"  time: about {est['estimated_seconds'] / 3600:.2f} h on this process (from a probe of {est['probe_tokens']} "
+                   f"tokens through the first dense and MoE layers, reads included; divide by the ranks you launch)")
+        return
+    manifest, stats = run_teacher(ck, calib_set, tokenizer_identity(ck, tok.eos_id), output, opts, source_arg=source,
+                                  overwrite=overwrite, resume=resume)
+    if manifest is None:  # not rank 0: rank 0 reports
+        return
+    total = sum(s.bytes_requested for s in stats)
+    result = {
+        "output": str(output), "manifest_sha256": manifest.sha256(output), "sequences": manifest.sequences,
+        "tokens": manifest.tokens, "top_k": manifest.top_k, "shards": len(manifest.shards),
+        "cache_bytes": sum(s.bytes for s in manifest.shards), "bytes_per_token": manifest.bytes_per_token,
+        "ranks": len(stats), "seconds": max(s.seconds for s in stats),
+        "per_rank": [{"rank": s.rank, "blocks": s.blocks, "blocks_resumed": s.blocks_resumed, "sequences": s.sequences,
+                      "seconds": round(s.seconds, 3), "bytes_requested": s.bytes_requested,
+                      "bytes_from_storage": s.bytes_from_storage} for s in stats],
+    }
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+        return
+    secs = result["seconds"]
+    click.echo(f"wrote {output}: {manifest.tokens:,} tokens ({manifest.sequences:,} x {manifest.seq_len}), top-{manifest.top_k}, "
+               f"{len(manifest.shards)} shard(s), {_human(result['cache_bytes'])} ({manifest.bytes_per_token} B/token)")
+    click.echo(f"  {len(stats)} rank(s), {secs:.1f} s, {manifest.tokens / max(secs, 1e-9):,.0f} tokens/s; "
+               f"read {_human(total)} from the source in all"
+               + "".join(f"; rank {s.rank}: {s.blocks} block(s), {_human(s.bytes_requested)}"
+                         + (f", {s.blocks_resumed} resumed" if s.blocks_resumed else "") for s in stats))
+    click.echo(f"  manifest sha256 {result['manifest_sha256']}")

@@ -1,0 +1,99 @@
+"""A healed model written back as a plain checkpoint in the reduced model's own format:
+the same tensor names, shapes and dtypes (adapters merged), sharded by the project's writer,
+with the reduced model's other files, its config extended by a ``k2mini.heal`` block, and
+the model card, training log and loss curve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from k2mini.checkpoint.names import Role
+from k2mini.checkpoint.reader import Checkpoint
+from k2mini.checkpoint.safetensors_format import PlannedTensor
+from k2mini.checkpoint.writer import WriteUnit, write_file, write_sharded
+from k2mini.model.hf import unfuse_experts
+
+LOSS_PNG = "heal_loss.png"
+REPORT = "heal_report.json"
+_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16}
+
+
+def weight_names(ck: Checkpoint) -> list[str]:
+    """The reduced checkpoint's tensors a healed one holds too (all of them: it is BF16)."""
+    return [n for n in ck.weight_names() if ck.tensors[n].parsed.role is not Role.INV_FREQ]
+
+
+def write_healed(partial: Path, reduced: Checkpoint, model: torch.nn.Module, heal_block: dict[str, Any], card_section: str) -> int:
+    """Write ``model`` (a plain DeepseekV3ForCausalLM) into ``partial``; returns tensor bytes."""
+    from k2mini.convert.pipeline import aux_files
+
+    tensors = unfuse_experts(dict(model.state_dict()))
+    units = []
+    for name in weight_names(reduced):
+        info = reduced.info(name)
+        t = tensors[name]
+        if tuple(t.shape) != info.shape:
+            raise RuntimeError(f"{name}: healed shape {list(t.shape)} differs from the reduced model's {list(info.shape)}")
+        units.append(WriteUnit((PlannedTensor(name, info.dtype, info.shape),),
+                               lambda t=t, dt=_DTYPES[info.dtype]: [t.detach().to("cpu", dt).contiguous()]))
+    copy, _ = aux_files(reduced)
+    for f in copy + [f for f in ("plan.json",) if reduced.source.exists(f)]:
+        write_file(partial / f, reduced.source.read_bytes(f))
+    cfg = json.loads(reduced.source.read_bytes("config.json"))
+    cfg.setdefault("k2mini", {})["heal"] = heal_block
+    write_file(partial / "config.json", (json.dumps(cfg, indent=2) + "\n").encode())
+    card = reduced.source.read_bytes("README.md").decode() if reduced.source.exists("README.md") else "# Reduced model\n"
+    write_file(partial / "README.md", (card.rstrip("\n") + "\n\n" + card_section).encode())
+    res = write_sharded(partial, units)
+    return res.total_size
+
+
+def card_section(block: dict[str, Any]) -> str:
+    lines = [
+        "## Healing (k2mini heal)",
+        "",
+        f"Distilled from the unpruned source's cached predictions (teacher manifest sha256 `{block['teacher_manifest_sha256']}`): "
+        f"forward KL over the teacher's top-{block['teacher_top_k']} ids plus a tail bucket"
+        + (f", plus {block['ce_weight']} x cross-entropy" if block["ce_weight"] else "") + ".",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| method | {block['method']}" + (f" (LoRA rank {block['lora_rank']}, merged)" if block["method"] == "lora" else "") + " |",
+        f"| steps | {block['steps']} (batch {block['batch_size']} sequences, lr {block['lr']:g}) |",
+        f"| teacher tokens seen | {block['tokens_seen']:,} of {block['teacher_tokens']:,} cached |",
+        f"| training loss (KL), first / last step | {block['first_loss']:.4f} / {block['last_loss']:.4f} |",
+    ]
+    if block.get("first_eval_kl") is not None:
+        lines.append(f"| held-out KL ({block['eval_sequences']} sequences), first / last evaluation | "
+                     f"{block['first_eval_kl']:.4f} / {block['last_eval_kl']:.4f} |")
+    lines += ["", f"Log: `heal_log.jsonl`; curve: `{LOSS_PNG}`. Measure it yourself: `k2mini validate . --reference SOURCE`.", ""]
+    return "\n".join(lines)
+
+
+def plot_log(log: list[dict], path: Path) -> bool:
+    """The loss curve (train KL per step, held-out KL where evaluated); False without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([x["tokens"] for x in log], [x["kl"] for x in log], label="train KL", lw=1)
+    ev = [x for x in log if x.get("eval_kl") is not None]
+    if ev:
+        ax.plot([x["tokens"] for x in ev], [x["eval_kl"] for x in ev], "o-", label="held-out KL")
+    ax.set_xlabel("teacher tokens seen")
+    ax.set_ylabel("KL(teacher || student), nats/token")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
