@@ -251,6 +251,8 @@ def train(model: torch.nn.Module, cache: TeacherCache, opts: HealOptions, *, wor
             last = step + 1 == opts.steps
             if eval_idx and ((step + 1) % opts.eval_every == 0 or last):
                 entry.eval_kl = evaluate(student, cache, eval_idx, per_rank, accelerator)
+                if meter is not None:
+                    meter.reset()  # held-out routing is not training load (and a resumed run starts without it)
             result.log.append(entry)
             if on_step is not None and rank == 0:
                 on_step(entry)
