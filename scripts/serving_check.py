@@ -46,8 +46,8 @@ ENGINE_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE":
 
 @dataclass(frozen=True)
 class Output:
-    """One reduced checkpoint to serve: k2mini commands run in order (OUT, SRC, ANALYSIS,
-    FIX_<preset> are filled in), the last one writing OUT."""
+    """One reduced checkpoint to serve: k2mini commands run in order (OUT, ANALYSIS, REDUCED,
+    TEACHER and FIX_<preset> are filled in with paths), the last one writing OUT."""
 
     name: str
     commands: tuple[tuple[str, ...], ...]
@@ -57,7 +57,7 @@ def _convert_fast(preset: str, *flags: str) -> tuple[tuple[str, ...], ...]:
     return (("convert-fast", "-s", f"FIX_{preset}", "--layers", "3", *flags, "-o", "OUT", "--no-progress"),)
 
 
-# To check one more output (a healed model, say), add an entry.
+# To check one more output, add an entry.
 OUTPUTS = (
     Output("bf16-pruned", _convert_fast("mla", "--experts", "4")),
     Output("grouped-kept", _convert_fast("mla-grouped", "--experts", "8", "--groups", "keep")),
@@ -67,6 +67,12 @@ OUTPUTS = (
          "--no-plots"),
         ("convert", "-s", "FIX_mla", "--analysis", "ANALYSIS", "--layers", "3", "--experts", "4", "--merge",
          "-o", "OUT", "--no-progress"),
+    )),
+    # A healed model: a cut distilled from its source's cached predictions, adapters merged.
+    Output("healed", (
+        ("convert-fast", "-s", "FIX_mla", "--layers", "3", "--experts", "4", "-o", "REDUCED", "--no-progress"),
+        ("teacher", "-s", "FIX_mla", "-o", "TEACHER", "--samples", "16", "--seq-len", "64", "--top-k", "32", "--quiet"),
+        ("heal", "REDUCED", "--teacher", "TEACHER", "-o", "OUT", "--steps", "8", "--batch-size", "4", "--quiet"),
     )),
 )
 SERVE = "grouped-kept"  # the output the OpenAI-compatible server is started on
@@ -129,7 +135,11 @@ def build_output(out: Output, work: Path) -> Path:
             r = k2mini("fixture", str(fix), "--preset", preset)
             if r.returncode:
                 raise SystemExit(f"serving-check: k2mini fixture --preset {preset} failed: {r.stderr.strip()}")
-    fill = {"OUT": str(dest), "ANALYSIS": str(work / f"{out.name}.analysis.json")}
+    fill = {"OUT": str(dest), "ANALYSIS": str(work / f"{out.name}.analysis.json"),
+            "REDUCED": str(work / f"{out.name}.reduced"), "TEACHER": str(work / f"{out.name}.teacher")}
+    for scratch in ("REDUCED", "TEACHER"):
+        if Path(fill[scratch]).exists():
+            shutil.rmtree(fill[scratch])
     for command in out.commands:
         args = [fill.get(a) or (str(work / f"fixture-{a[4:]}") if a.startswith("FIX_") else a) for a in command]
         r = k2mini(*args)
