@@ -319,7 +319,7 @@ def _skip_nll(runner: LayerwiseRunner, h: ActivationStore, ids: torch.Tensor, n_
     targets = ids[:, 1:].reshape(-1)
 
     def nll(s0: int) -> float:
-        x = norm(runner._on(h.data[s0 : s0 + ns, :-1])).reshape(-1, runner.hidden)
+        x = norm(runner.to_compute(h.data[s0 : s0 + ns, :-1])).reshape(-1, runner.hidden)
         return token_nll(runner, x, targets).mean().item()
 
     baseline = nll(0)

@@ -336,9 +336,9 @@ class LayerwiseRunner:
 
         return create_causal_mask(config=self.hf_cfg, inputs_embeds=h, attention_mask=attention_mask, past_key_values=None, position_ids=pos)
 
-    def _on(self, t: torch.Tensor) -> torch.Tensor:
+    def to_compute(self, t: torch.Tensor) -> torch.Tensor:
         """A host tensor as the compute device and dtype take it."""
-        return t.to(self.device, self.dtype, non_blocking=False)
+        return t.to(self.device, self.dtype)
 
     def _batches(self, n_seq: int, seq_len: int) -> Iterator[tuple[int, int]]:
         per = max(1, self.batch_tokens // max(1, seq_len))
@@ -371,7 +371,7 @@ class LayerwiseRunner:
         h_out = self.stores.make(n_seq + extra_seqs, seq_len, hid, name=f"h{layer}")  # residual after attention, then layer output
         xn = self.stores.make(n_seq, seq_len, hid, name=f"x{layer}")  # post-attention norm (MLP input)
         for s0, s1 in self._batches(n_seq, seq_len):
-            h = h_in.data[s0:s1].to(self.device, self.dtype)
+            h = self.to_compute(h_in.data[s0:s1])
             pos, pe = self._positions(seq_len, h)
             am = attention_mask[s0:s1].to(self.device) if attention_mask is not None else None
             a, _ = block.self_attn(hidden_states=block.input_layernorm(h), position_embeddings=pe,
@@ -384,14 +384,14 @@ class LayerwiseRunner:
         if not self.is_moe(layer):
             mlp = _load_module(block.mlp, self.ck, f"{prefix}mlp.", self.dtype, self.device)
             for s0, s1 in self._batches(n_seq, seq_len):
-                h_out.data[s0:s1] = (self._on(h_out.data[s0:s1]) + mlp(self._on(xn.data[s0:s1]))).float().cpu()
+                h_out.data[s0:s1] = (self.to_compute(h_out.data[s0:s1]) + mlp(self.to_compute(xn.data[s0:s1]))).float().cpu()
             del mlp
         else:
             routed = self._moe_routed(layer, xn, obs)
             shared = _load_module(block.mlp.shared_experts, self.ck, f"{prefix}mlp.shared_experts.", self.dtype, self.device)
             for s0, s1 in self._batches(n_seq, seq_len):
-                moe = self._on(routed.data[s0:s1]) + shared(self._on(xn.data[s0:s1]))
-                h_out.data[s0:s1] = (self._on(h_out.data[s0:s1]) + moe).float().cpu()
+                moe = self.to_compute(routed.data[s0:s1]) + shared(self.to_compute(xn.data[s0:s1]))
+                h_out.data[s0:s1] = (self.to_compute(h_out.data[s0:s1]) + moe).float().cpu()
             del shared
             routed.close()
         xn.close()
@@ -412,7 +412,7 @@ class LayerwiseRunner:
         obs.moe_input(layer, x_flat, gate_w.cpu(), bias.cpu() if bias is not None else None)
         idx_parts, w_parts = [], []
         for t0 in range(0, x_flat.shape[0], _EXPERT_CHUNK):
-            i, w = route(self._on(x_flat[t0 : t0 + _EXPERT_CHUNK]), gate_w, bias, self.cfg)
+            i, w = route(self.to_compute(x_flat[t0 : t0 + _EXPERT_CHUNK]), gate_w, bias, self.cfg)
             idx_parts.append(i.cpu())
             w_parts.append(w.cpu())
         del gate_w
@@ -444,7 +444,7 @@ class LayerwiseRunner:
                 for c0 in range(0, tok.numel(), _EXPERT_CHUNK):
                     t = tok[c0 : c0 + _EXPERT_CHUNK]
                     g = weight[t, kpos[c0 : c0 + _EXPERT_CHUNK]]
-                    x = self._on(x_flat[t])
+                    x = self.to_compute(x_flat[t])
                     f = F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd).cpu()
                     obs.expert_output(layer, e, t, g, f)
                     # A token picks an expert at most once, so ``t`` has no repeats and a plain
@@ -509,11 +509,11 @@ def stream_forward(
         if states is not None:
             states.append(h.data.clone())
     norm = runner.final_norm()
-    last = norm(runner._on(h.data)).float().cpu()
+    last = norm(runner.to_compute(h.data)).float().cpu()
     h.close()
     out_logits = None
     if logits:
-        x = runner._on(last)
+        x = runner.to_compute(last)
         blocks = [(x @ w.T).float().cpu() for _, w in runner.head_blocks()]
         out_logits = torch.cat(blocks, dim=-1)
     return StreamOutput(out_logits, last, states)
@@ -525,7 +525,7 @@ def token_nll(runner: LayerwiseRunner, normed: torch.Tensor, targets: torch.Tens
     hidden states ``[N, H]``, streaming the lm_head in row blocks (no full logits)."""
     lse = torch.full((normed.shape[0],), float("-inf"))
     tgt = torch.zeros(normed.shape[0])
-    x = runner._on(normed)
+    x = runner.to_compute(normed)
     for r0, w in runner.head_blocks():
         lg = (x @ w.T).float().cpu()
         lse = torch.logaddexp(lse, lg.logsumexp(-1))

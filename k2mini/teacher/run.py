@@ -110,7 +110,7 @@ def head_topk(runner: LayerwiseRunner, normed: torch.Tensor, k: int) -> tuple[to
     for r0, w in runner.head_blocks():
         for t0 in range(0, n, _HEAD_TOKENS):
             t1 = min(n, t0 + _HEAD_TOKENS)
-            lg = (runner._on(normed[t0:t1]) @ w.T).float()
+            lg = (runner.to_compute(normed[t0:t1]) @ w.T).float()
             lse[t0:t1] = torch.logaddexp(lse[t0:t1], lg.logsumexp(-1).cpu())
             bv, bi = lg.topk(min(k, lg.shape[1]), dim=-1)
             cand_v = torch.cat([vals[t0:t1], bv.cpu()], 1)
@@ -137,7 +137,7 @@ def teacher_block(runner: LayerwiseRunner, input_ids: torch.Tensor, k: int, on_l
     norm = runner.final_norm()
     normed = runner.stores.make(n, seq_len, runner.hidden, name="final")
     for s0, s1 in runner._batches(n, seq_len):
-        normed.data[s0:s1] = norm(runner._on(h.data[s0:s1])).float().cpu()
+        normed.data[s0:s1] = norm(runner.to_compute(h.data[s0:s1])).float().cpu()
     h.close()
     ids, vals, lse = head_topk(runner, normed.flat(), k)
     normed.close()
