@@ -18,23 +18,12 @@ renormalised over the kept ids would drop the tail and bias the student's tail m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-# Teacher tail masses below this count as zero: float16 log-probs make 1 - sum(p) noisy at
-# about 1e-3 of the kept mass, and a negative or tiny tail is rounding, not probability.
+# Teacher tail masses at or below this count as none: with k covering (nearly) the whole
+# vocabulary, 1 - sum(p) of float16 log-probs comes out slightly negative or tiny, which is
+# rounding, not probability, and its log would only add noise.
 _TAIL_FLOOR = 1e-6
-
-
-@dataclass
-class LossParts:
-    """Sums over the positions of a batch (divide by ``positions`` for means)."""
-
-    kl: torch.Tensor
-    ce: torch.Tensor
-    positions: int
-    ce_positions: int
 
 
 def kl_sum(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -117,7 +118,7 @@ class Student(torch.nn.Module):
 
     def forward(self, input_ids, topk_ids, topk_logprobs, targets):
         base = methods.base_model(self.trained)
-        ctx = torch.autocast(input_ids.device.type, dtype=self.compute_dtype) if self.compute_dtype else _null()
+        ctx = torch.autocast(input_ids.device.type, dtype=self.compute_dtype) if self.compute_dtype else contextlib.nullcontext()
         with ctx:
             h = base.model(input_ids=input_ids, use_cache=False).last_hidden_state
         h = h.reshape(-1, h.shape[-1])
@@ -140,14 +141,6 @@ class Student(torch.nn.Module):
 def _head_loss(head, h, ids, lp, tgt):
     logits = head(h)
     return kl_sum(logits, ids, lp), ce_sum(logits, tgt)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @dataclass
