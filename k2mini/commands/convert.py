@@ -57,7 +57,8 @@ def _parse_keep_experts(text: str) -> list[int] | dict[int, list[int]]:
     return out
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """Decimal units, as disks and the Hub count (also used by teacher's summary)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -84,18 +85,18 @@ def _print_summary(s, plan, as_json: bool) -> None:
     if not s.dry_run and len(plan.experts) > 8:
         click.echo(f"  ... {len(plan.experts) - 8} more MoE layers (plan.json has them all)   [{plan.expert_strategy}]")
     click.echo(f"  routing groups: {s.group_policy}; parameters: {s.params:,}")
-    click.echo("  bytes by dtype: " + ", ".join(f"{k} {_human(v)}" for k, v in s.bytes_by_dtype.items())
-               + f"; total {_human(s.total_size)} in {s.shards} shard(s)")
+    click.echo("  bytes by dtype: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in s.bytes_by_dtype.items())
+               + f"; total {human_bytes(s.total_size)} in {s.shards} shard(s)")
     for n in s.notes:
         click.echo(f"  note: {n}")
     if s.dry_run and s.source_total_bytes:
-        click.echo(f"  source bytes: {_human(s.planning_bytes_read + s.bytes_to_read)} to read "
-                   f"({_human(s.planning_bytes_read)} already read to plan) of {_human(s.source_total_bytes)} in the source "
+        click.echo(f"  source bytes: {human_bytes(s.planning_bytes_read + s.bytes_to_read)} to read "
+                   f"({human_bytes(s.planning_bytes_read)} already read to plan) of {human_bytes(s.source_total_bytes)} in the source "
                    f"({100 * (s.planning_bytes_read + s.bytes_to_read) / s.source_total_bytes:.1f}%)")
     if not s.dry_run:
         rate = s.total_size / s.seconds / 1e6 if s.seconds else 0.0
-        click.echo(f"  {s.tensors} tensors in {s.seconds:.1f} s ({rate:.0f} MB/s written); source bytes read {_human(s.bytes_read)} "
-                   f"for {_human(s.selected_source_bytes)} selected; {s.dropped_source_tensors} source tensors dropped"
+        click.echo(f"  {s.tensors} tensors in {s.seconds:.1f} s ({rate:.0f} MB/s written); source bytes read {human_bytes(s.bytes_read)} "
+                   f"for {human_bytes(s.selected_source_bytes)} selected; {s.dropped_source_tensors} source tensors dropped"
                    + (f"; {s.reused_shards} shard(s) re-used from the interrupted run" if s.reused_shards else ""))
         click.echo(f"  copied: {', '.join(s.copied_files) or 'nothing'}; left out: {', '.join(s.dropped_files) or 'nothing'}")
 

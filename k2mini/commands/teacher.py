@@ -9,15 +9,8 @@ from pathlib import Path
 import click
 
 from k2mini.commands.analyze import _parse_size
+from k2mini.commands.convert import human_bytes
 from k2mini.errors import UsageError
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1000 or unit == "PB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 @click.command("teacher")
@@ -106,11 +99,11 @@ def teacher_cmd(source, output, calib, samples, seq_len, tokens, seed, top_k, me
             return
         click.echo(f"teacher (dry run, nothing written): {est['tokens']:,} tokens = {est['sequences']:,} sequences x {seq_len}, "
                    f"top-k {top_k}, on {est['device']}")
-        click.echo(f"  cache: {_human(est['cache_bytes'])} ({est['bytes_per_token']} B/token) in {est['blocks']} block(s) "
+        click.echo(f"  cache: {human_bytes(est['cache_bytes'])} ({est['bytes_per_token']} B/token) in {est['blocks']} block(s) "
                    f"of {est['block_sequences']} sequences")
-        click.echo(f"  reads: at most {_human(est['bytes_read_per_sweep'])} per sweep (largest layer "
-                   f"{_human(max(est['bytes_read_per_layer'], default=0))}; MoE layers read only routed experts), "
-                   f"{_human(est['bytes_read_total'])} in all")
+        click.echo(f"  reads: at most {human_bytes(est['bytes_read_per_sweep'])} per sweep (largest layer "
+                   f"{human_bytes(max(est['bytes_read_per_layer'], default=0))}; MoE layers read only routed experts), "
+                   f"{human_bytes(est['bytes_read_total'])} in all")
         click.echo(f"  time: about {est['estimated_seconds'] / 3600:.2f} h on this process (from a probe of {est['probe_tokens']} "
                    f"tokens through the first dense and MoE layers, reads included; divide by the ranks you launch)")
         return
@@ -133,9 +126,9 @@ def teacher_cmd(source, output, calib, samples, seq_len, tokens, seed, top_k, me
         return
     secs = result["seconds"]
     click.echo(f"wrote {output}: {manifest.tokens:,} tokens ({manifest.sequences:,} x {manifest.seq_len}), top-{manifest.top_k}, "
-               f"{len(manifest.shards)} shard(s), {_human(result['cache_bytes'])} ({manifest.bytes_per_token} B/token)")
+               f"{len(manifest.shards)} shard(s), {human_bytes(result['cache_bytes'])} ({manifest.bytes_per_token} B/token)")
     click.echo(f"  {len(stats)} rank(s), {secs:.1f} s, {manifest.tokens / max(secs, 1e-9):,.0f} tokens/s; "
-               f"read {_human(total)} from the source in all"
-               + "".join(f"; rank {s.rank}: {s.blocks} block(s), {_human(s.bytes_requested)}"
+               f"read {human_bytes(total)} from the source in all"
+               + "".join(f"; rank {s.rank}: {s.blocks} block(s), {human_bytes(s.bytes_requested)}"
                          + (f", {s.blocks_resumed} resumed" if s.blocks_resumed else "") for s in stats))
     click.echo(f"  manifest sha256 {result['manifest_sha256']}")

@@ -80,23 +80,15 @@ def split(n_sequences: int, eval_fraction: float, seed: int) -> tuple[list[int],
 
 def batch_indices(train: list[int], step: int, batch_size: int, seed: int) -> list[int]:
     """The global batch of ``step``: positions step*B .. (step+1)*B of the epochs' permutations, concatenated."""
+    perms: dict[int, list[int]] = {}  # one per epoch the batch touches
     out = []
     for pos in range(step * batch_size, (step + 1) * batch_size):
         epoch, i = divmod(pos, len(train))
-        perm = _epoch_perm(len(train), seed, epoch)
-        out.append(train[perm[i]])
+        if epoch not in perms:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)
+            perms[epoch] = torch.randperm(len(train), generator=gen).tolist()
+        out.append(train[perms[epoch][i]])
     return out
-
-
-_PERMS: dict[tuple[int, int, int], list[int]] = {}
-
-
-def _epoch_perm(n: int, seed: int, epoch: int) -> list[int]:
-    key = (n, seed, epoch)
-    if key not in _PERMS:
-        _PERMS.clear()  # one epoch at a time is all a run needs
-        _PERMS[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)).tolist()
-    return _PERMS[key]
 
 
 def lr_factor(step: int, opts: HealOptions) -> float:

@@ -28,6 +28,7 @@ shard's sha256 checked against the manifest before its first use.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 from collections import OrderedDict
@@ -39,6 +40,7 @@ import torch
 from pydantic import BaseModel
 
 from k2mini.analysis.schema import CalibrationInfo, SourceFingerprint
+from k2mini.checkpoint.writer import write_file
 from k2mini.errors import UsageError
 from k2mini.versioned_file import load_versioned
 
@@ -93,7 +95,7 @@ class TeacherManifest(BaseModel):
 
     def save(self, path: str | Path) -> None:
         tmp = Path(path).with_suffix(".tmp")
-        tmp.write_text(self.model_dump_json(indent=1))
+        write_file(tmp, self.model_dump_json(indent=1).encode())
         os.replace(tmp, path)
 
     def sha256(self, path: str | Path) -> str:
@@ -128,10 +130,7 @@ def write_block(directory: Path, index: int, data: bytes) -> Path:
     """Durably and atomically: a block file that exists is complete (resume relies on it)."""
     path = directory / block_file(index)
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    write_file(tmp, data)
     os.replace(tmp, path)
     return path
 
@@ -222,8 +221,6 @@ class TeacherCache:
         return tensors
 
     def _locate(self, seq: int) -> tuple[int, int]:
-        import bisect
-
         if not 0 <= seq < self.manifest.sequences:
             raise IndexError(f"sequence {seq} is outside the cache's {self.manifest.sequences}")
         i = bisect.bisect_right(self._starts, seq) - 1
