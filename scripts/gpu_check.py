@@ -18,23 +18,31 @@ Builds a K2-format fixture (or takes --source), then runs, through the k2mini co
 
 Each step runs in this process (imports once; the CLI is called as `k2mini ...` would be)
 and is timed alone: wall time, peak device memory (torch.cuda.max_memory_allocated on
-CUDA, reset before each step), peak RSS of this process during the step, and the step's
+CUDA, reset before each step; validate and heal reset it again once they start, with what
+is then allocated still counted), peak RSS of this process during the step, and the step's
 own figures (tokens/s, hit rates, KL, ...) read from the command's --json output. The
 first step that fails stops the run: exit 1 and a line naming the step and the command's
 last error lines. Each step's stderr is kept in WORK/logs/STEP.log; the whole table goes to
 WORK/gpu_check.json (and to stdout with --json).
 
 On a GPU machine, from a bare checkout (no pip install; the script puts its checkout first
-on sys.path):
+on sys.path, so PYTHONPATH=. is optional):
 
   PYTHONPATH=. python scripts/gpu_check.py --device cuda --size real-dims --work /tmp/g
 
 What the machine's Python lacks of pyproject's dependencies is listed before the steps run
-(a warning: steps that need it then fail, named). Packages can travel as wheels: on a
-machine with a registry, `python3 -m pip download --no-deps --only-binary=:all:
---python-version 3.12 --platform manylinux2014_x86_64 -d .whl NAME==VERSION ...` (pure-Python
-ones need no --platform), then on the GPU machine `python3 -m pip install --no-index --no-deps
---target /tmp/site .whl/*.whl && PYTHONPATH=.:/tmp/site python3 scripts/gpu_check.py ...`.
+(a warning: steps that need it then fail, named). Packages can travel as wheels (about 3 MB
+for pydantic, pydantic-core, annotated-types, typing-inspection, typing-extensions,
+compressed-tensors and loguru, which the H200 image's package list lacks): where a registry
+is reachable,
+
+  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+      --platform manylinux2014_x86_64 -d .whl pydantic==2.13.4 pydantic-core==2.46.4 ...
+
+then on the GPU machine
+
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  PYTHONPATH=.:/tmp/site python3 scripts/gpu_check.py --device cuda --size real-dims --work /tmp/g
 
 CI runs `python scripts/gpu_check.py --device cpu --size small --work DIR` so it cannot rot.
 
