@@ -341,11 +341,11 @@ def _invoke(args: list[str]) -> tuple[int, str, str]:
     """k2mini ARGS in this process: (exit code, stdout, stderr)."""
     import click
 
-    from k2mini.cli import cli
-
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
+            from k2mini.cli import cli  # here: a dependency the machine lacks fails the first step, named
+
             cli.main(args, prog_name="k2mini", standalone_mode=False)
             code = 0
         except SystemExit as exc:  # the CLI's own exits: K2MiniError -> 2, validate -> 0/1

@@ -114,3 +114,17 @@ def test_preflight_names_missing_and_out_of_range_dependencies(monkeypatch):
     assert any(p.startswith("missing: pydantic") for p in problems)
     assert "outside the range: huggingface_hub 1.33.0 (pyproject: huggingface_hub>=2.0,<3)" in problems
     assert len(problems) == 2  # everything else installed here is inside pyproject's ranges
+
+
+def test_a_dependency_the_machine_lacks_fails_the_first_step_named_not_the_script(tmp_path):
+    # As on a GPU machine without pydantic: the import error belongs to the step that needed it.
+    fake = tmp_path / "site"
+    fake.mkdir()
+    (fake / "pydantic.py").write_text("raise ModuleNotFoundError(\"No module named 'pydantic'\", name='pydantic')\n")
+    env = {**os.environ, "PYTHONPATH": str(fake)}
+    r = subprocess.run([sys.executable, str(SCRIPT), "--work", str(tmp_path / "w"), "--steps", "fixture", "--json"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 1, r.stderr[-2000:]
+    table = json.loads(r.stdout)
+    assert table["failed_step"] == "fixture"
+    assert table["steps"][0]["error"].startswith("exit 1:") and "No module named 'pydantic'" in table["steps"][0]["error"]
