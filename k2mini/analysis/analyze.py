@@ -39,10 +39,12 @@ import torch
 from k2mini import __version__
 from k2mini.analysis.calibration import CalibrationSet
 from k2mini.analysis.schema import Analysis, ExpertStats, LayerStats, SourceFingerprint
+from k2mini.checkpoint.names import expert_weights, router_bias, router_weight
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.errors import UsageError
 from k2mini.model.layerwise import DEFAULT_MEMORY_BUDGET, ActivationStore, LayerObserver, LayerwiseRunner, token_nll
-from k2mini.selection.output_error import Routing, elimination_order, expert_outputs
+from k2mini.model.routing import Routing
+from k2mini.selection.output_error import elimination_order, expert_outputs
 
 STATE_FILE = "state.pt"
 DEFAULT_OUTPUT_ERROR_TOKENS = 512
@@ -168,26 +170,18 @@ def angular_distances(last: torch.Tensor) -> dict[str, list[float]]:
 
 
 def _router_weight_stats(ck: Checkpoint, layer: int, weight_norms: bool) -> dict:
-    prefix = f"model.layers.{layer}.mlp."
-    gate = ck.read(prefix + "gate.weight").float()
+    gate = ck.read(router_weight(layer)).float()
     out = {"router_norm": gate.norm(dim=-1).tolist()}
-    bias_name = prefix + "gate.e_score_correction_bias"
+    bias_name = router_bias(layer)
     if bias_name in ck.tensors:
         out["correction_bias"] = ck.read(bias_name).float().tolist()
     if weight_norms:
         norms = []
         for e in range(gate.shape[0]):
-            sq = sum(ck.read(f"{prefix}experts.{e}.{p}.weight").float().pow(2).sum().item() for p in ("gate_proj", "up_proj", "down_proj"))
+            sq = sum(ck.read(n).float().pow(2).sum().item() for n in expert_weights(layer, e))
             norms.append(math.sqrt(sq))
         out["weight_norm"] = norms
     return out
-
-
-def _routing(c: dict, weight: torch.Tensor, bias: torch.Tensor | None) -> Routing:
-    """The runner's router (weights it already read) with the config's routing constants."""
-    bias = bias if bias is not None else torch.zeros(weight.shape[0])
-    return Routing(weight, bias, int(c["num_experts_per_tok"]), bool(c.get("norm_topk_prob", True)),
-                   float(c.get("routed_scaling_factor", 1.0)), int(c.get("n_group") or 1), int(c.get("topk_group") or 1))
 
 
 def _run_key(fp: SourceFingerprint, calib: CalibrationSet, opts: AnalyzeOptions) -> dict:
@@ -271,7 +265,7 @@ def analyze(
             for k, v in _router_weight_stats(ck, layer, opts.weight_norms).items():
                 setattr(es, k, v)
             if sample is not None:
-                es.output_error_order = elimination_order(obs.x_sample, _routing(ck.config, *obs.router), obs.outs)
+                es.output_error_order = elimination_order(obs.x_sample, Routing.from_config(ck.config, *obs.router), obs.outs)
                 obs.x_sample = obs.outs = obs.router = None  # free the [N, E, H] outputs before the next layer
             stats.experts = es
         layers.append(stats)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from k2mini import __version__
 from k2mini.analysis.schema import Analysis, SourceFingerprint
+from k2mini.checkpoint.names import router_weight
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.errors import UsageError
 from k2mini.model.spec import ModelSpec
@@ -36,7 +37,7 @@ def _merge_groups(ctx: SelectionContext, layer: int, kept: list[int]) -> list[li
     if len(freq) != ctx.spec.n_routed_experts:
         raise UsageError(f"--analysis {ctx.analysis_path}: layer {layer} has {len(freq)} frequencies, "
                          f"the source has {ctx.spec.n_routed_experts} experts")
-    sim = merging.router_similarity(ctx.ck.read(f"model.layers.{layer}.mlp.gate.weight").float())
+    sim = merging.router_similarity(ctx.ck.read(router_weight(layer)).float())
     groups = merging.merge_plan(kept, sim, [float(f) for f in freq])
     return [groups[k] for k in kept]
 

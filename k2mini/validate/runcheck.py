@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from k2mini.checkpoint.names import expert_weight, layer_prefix, router_weight
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.model.device import resolve_device
+from k2mini.model.spec import ModelSpec
 from k2mini.validate.report import Finding, ModuleStat, RouterStat, RunReport
 from k2mini.validate.static import ALL, FP16_MAX
 
@@ -143,17 +145,17 @@ def _weights_agree(model, ck: Checkpoint, findings: list[Finding]) -> None:
     cfg = ck.config
     if (cfg.get("quantization_config") or {}).get("quant_method") not in (None, "fp8"):
         return
-    moe = [layer for layer in range(int(cfg["num_hidden_layers"])) if layer >= int(cfg.get("first_k_dense_replace") or 0)]
+    moe = ModelSpec.from_config(cfg).moe_layers
     layer = moe[0] if moe else 0
-    p = f"model.layers.{layer}"
+    p = layer_prefix(layer).rstrip(".")
     params = dict(model.named_parameters())
     checks = [(f"{p}.self_attn.kv_a_proj_with_mqa.weight", lambda w: w), (f"{p}.self_attn.o_proj.weight", lambda w: w)]
     if moe:
         inter = int(cfg["moe_intermediate_size"])
         checks += [
-            (f"{p}.mlp.gate.weight", lambda w: w),
-            (f"{p}.mlp.experts.0.gate_proj.weight", lambda w: w[0, :inter] if w.dim() == 3 else None),
-            (f"{p}.mlp.experts.0.down_proj.weight", lambda w: w[0] if w.dim() == 3 else None),
+            (router_weight(layer), lambda w: w),
+            (expert_weight(layer, 0, "gate_proj"), lambda w: w[0, :inter] if w.dim() == 3 else None),
+            (expert_weight(layer, 0, "down_proj"), lambda w: w[0] if w.dim() == 3 else None),
         ]
     fused = {"gate_proj": "gate_up_proj", "down_proj": "down_proj"}
     for name, pick in checks:
