@@ -5,7 +5,7 @@ block of n consecutive layers, and optionally the SLEB-style NLL increase when o
 skipped. Expert metrics (frequency, mean routing weight, REAP, EAN, max activation) are
 taken from the runner's expert outputs on routed tokens only, with K2's real routing.
 
-Output-error order (selection/output_error.py): on a sample of at most
+Output-error order (analysis/output_error.py): on a sample of at most
 ``output_error_tokens`` calibration tokens, every expert's output is computed while the
 runner has that expert's weights in memory (so every expert of a MoE layer is read, also
 those no token picked), then greedy backward elimination orders the experts. The sample's
@@ -44,7 +44,7 @@ from k2mini.checkpoint.reader import Checkpoint
 from k2mini.errors import UsageError
 from k2mini.model.layerwise import DEFAULT_MEMORY_BUDGET, ActivationStore, LayerObserver, LayerwiseRunner, token_nll
 from k2mini.model.routing import Routing
-from k2mini.selection.output_error import elimination_order, expert_outputs
+from k2mini.analysis.output_error import elimination_order, expert_outputs
 
 STATE_FILE = "state.pt"
 DEFAULT_OUTPUT_ERROR_TOKENS = 512

@@ -115,7 +115,8 @@ def run(
     from k2mini.convert.presets import load_preset
     from k2mini.convert.transforms import make_transform
     from k2mini.output import check_output
-    from k2mini.quantize import convert_hook  # noqa: F401  (registers --dtype int4/int8)
+    from k2mini.convert.transforms import TRANSFORMS
+    from k2mini.quantize.convert_hook import INT_TRANSFORMS
     from k2mini.selection.build import build_plan, check_plan_source
     from k2mini.selection.context import SelectOptions
     from k2mini.selection.plan import Plan
@@ -129,7 +130,7 @@ def run(
     if not dry_run:
         check_output(output, source=source, overwrite=overwrite, resume=resume, flag="--output")
     ck = Checkpoint.open(source)
-    transform = make_transform(pick(dtype, p and p.dtype, "bf16"))
+    transform = make_transform(pick(dtype, p and p.dtype, "bf16"), {**TRANSFORMS, **INT_TRANSFORMS})
     if plan_path is not None:
         if any(v is not None for v in (layers, experts, top_k, keep_layers, keep_experts, analysis, layer_strategy, expert_strategy, merge)):
             raise UsageError("--plan fixes the layers and experts; drop --layers/--experts/--top-k/--analysis/--merge/strategy flags")

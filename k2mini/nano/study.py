@@ -21,7 +21,7 @@ from k2mini.nano.train import fast_experts
 from k2mini.selection import merge as merging
 from k2mini.selection.experts import rank_positions
 from k2mini.model.routing import Routing
-from k2mini.selection.output_error import elimination_order, expert_outputs, scores_from_order
+from k2mini.analysis.output_error import elimination_order, expert_outputs, scores_from_order
 
 MASKED = -1e9
 

@@ -17,7 +17,7 @@ from k2mini.analysis.schema import ExpertStats
 from k2mini.checkpoint.names import expert_weights, router_bias, router_weight
 from k2mini.errors import UsageError
 from k2mini.selection.context import SelectionContext
-from k2mini.selection.output_error import scores_from_order
+from k2mini.analysis.output_error import scores_from_order
 
 ExpertScorer = Callable[[SelectionContext, int], list[float]]
 EXPERT_SCORERS: dict[str, ExpertScorer] = {}
@@ -68,7 +68,7 @@ def output_error(ctx: SelectionContext, layer: int) -> list[float]:
 
     The order was computed on calibration tokens by removing, one at a time, the expert
     whose removal (tokens re-routed among the rest) changed the block's output least
-    (selection/output_error.py), so its last n experts are the greedy choice for any n.
+    (analysis/output_error.py), so its last n experts are the greedy choice for any n.
     """
     order = analysis_stats(ctx, layer, OUTPUT_ERROR).output_error_order
     if order is None:
