@@ -245,17 +245,13 @@ def demo_cmd(out: Path, overwrite: bool):
     Example:
       k2mini demo ./k2mini-demo && ls ./k2mini-demo/reduced
     """
-    import shutil
-
-    from k2mini.testing.fixtures import build_fixture
+    from k2mini.commands.fixture import write_fixture
 
     src, red = out / "source", out / "reduced"
-    if src.exists() and any(src.iterdir()):
-        if not overwrite:
-            raise UsageError(f"{src}: exists and is not empty (pass --overwrite to rebuild the demo)")
-        shutil.rmtree(src)
+    if src.exists() and any(src.iterdir()) and not overwrite:
+        raise UsageError(f"{src}: exists and is not empty (pass --overwrite to rebuild the demo)")
     click.echo(f"1. building a tiny Kimi-K2-format FP8 checkpoint in {src} (4 layers: 1 dense + 3 MoE, 8 experts, top-2)")
-    build_fixture(src, "tiny", seed=0)
+    write_fixture(src, "tiny", flag="OUT", overwrite=overwrite, seed=0)
     click.echo(f"2. k2mini convert-fast --source {src} --layers 3 --experts 4 --output {red}")
     s = run(source=str(src), output=red, layers=3, experts=4, top_k=None, dtype=None, groups=None, preset=None,
             max_shard_size="5GB", overwrite=overwrite, resume=False, dry_run=False, as_json=False, no_progress=True,
