@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from k2mini.cli import cli
 from k2mini.testing import faults
 
 # Per command: random write events (the last one, the final commit, among them when more
