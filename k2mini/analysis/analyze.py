@@ -1,6 +1,6 @@
 """The calibration run behind ``k2mini analyze``: layer-streamed forward pass + metrics.
 
-Layer metrics (DESIGN section 5): block influence, hidden norms, angular distance for every
+Layer metrics (docs/facts.md §3): block influence, hidden norms, angular distance for every
 block of n consecutive layers, and optionally the SLEB-style NLL increase when one layer is
 skipped. Expert metrics (frequency, mean routing weight, REAP, EAN, max activation) are
 taken from the runner's expert outputs on routed tokens only, with K2's real routing.

@@ -1,6 +1,6 @@
 """Output-error expert selection: keep the experts whose removal changes the MoE block's
 output least on calibration tokens, with tokens re-routed among the kept experts exactly
-as the reduced model will route them (DESIGN section 4).
+as the reduced model will route them (docs/facts.md §2).
 
 Published scores (frequency, EAN, REAP) rank experts one at a time; what matters is the
 block's output once several experts are gone and their tokens have moved to others. This

@@ -1,6 +1,6 @@
 """K2 / DeepSeek-V3 MoE routing (noaux_tc), the one implementation every stage uses: the
 layer-streamed runner, analyze's expert statistics, output-error selection and the nano study
-(docs/facts.md, "Routing").
+(docs/facts.md §2).
 
 Sigmoid scores; the correction bias only for choosing; group-limited choice when
 n_group > 1; the weights are the chosen sigmoid scores, normalised and scaled.

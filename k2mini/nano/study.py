@@ -3,7 +3,7 @@
 A pruned model is the unpruned one with experts masked out of routing (their correction
 bias set to -1e9: sigmoid scores are in (0, 1), so a masked expert is never among the
 top-k, and the kept experts' weights are renormalised among themselves exactly as in a
-sliced checkpoint, DESIGN section 4) and decoder layers removed from the layer list.
+sliced checkpoint, docs/facts.md §2) and decoder layers removed from the layer list.
 This equals what convert writes, without a round trip through disk per configuration.
 """
 
@@ -67,7 +67,7 @@ def _nll(model, ids: torch.Tensor) -> float:
 
 @torch.no_grad()
 def calibrate(model, ids: torch.Tensor, *, layer_metrics: bool = True) -> Calibration:
-    """Expert statistics (DESIGN section 5, with the model's real routing) and layer metrics."""
+    """Expert statistics (docs/facts.md §3, with the model's real routing) and layer metrics."""
     cal = Calibration()
     captured: dict[int, torch.Tensor] = {}
     hooks = [model.model.layers[l].mlp.register_forward_pre_hook(

@@ -96,7 +96,7 @@ def build_plan(
         raise AssertionError(f"layer selector {o.layer_strategy} returned {len(choice.layers)} layers for {n_layers}")
     moe_layers = [l for l in choice.layers if spec.is_moe(l)]
 
-    # Routing groups (DESIGN §4/§6): keep them only with an equal count per group, at least
+    # Routing groups (docs/facts.md §2, §4): keep them only with an equal count per group, at least
     # 2 per group (vLLM falls back to plain top-k otherwise) and enough experts in the
     # topk_group best groups to fill top-k; else route over all kept experts.
     G, TG = spec.n_group, spec.topk_group
