@@ -457,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = select(build_steps(SIZES[args.size], args.device, work, source), args.steps.split(",") if args.steps else None,
                    args.source is not None)
     prepare_work(work)
-    for problem in preflight():
+    problems = preflight()
+    for problem in problems:
         show(f"gpu_check: dependency {problem}")
     env = environment(args.device)
     show(f"gpu_check: device {args.device}{' (' + env['gpu'] + ')' if 'gpu' in env else ''}, size {args.size}, "
@@ -476,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             break
     total = time.perf_counter() - t0
     table = {"device": args.device, "size": args.size, "source": str(source), "work": str(work), "environment": env,
-             "ok": failed is None, "failed_step": failed, "seconds": round(total, 1),
+             "dependency_problems": problems, "ok": failed is None, "failed_step": failed, "seconds": round(total, 1),
              "steps": [asdict(r) for r in results]}
     (work / "gpu_check.json").write_text(json.dumps(table, indent=1) + "\n")
     if failed is None:

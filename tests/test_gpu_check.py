@@ -45,7 +45,7 @@ def test_cpu_small_steps_run_with_their_dependencies_and_report_the_commands_fig
     assert r.returncode == 0, r.stderr[-3000:]
     table = json.loads(r.stdout)
     assert table == json.loads((work / "gpu_check.json").read_text())
-    assert table["ok"] and table["failed_step"] is None
+    assert table["ok"] and table["failed_step"] is None and table["dependency_problems"] == []
     # --steps convert-fp8 pulls in what it needs, in pipeline order, and nothing else.
     assert [s["name"] for s in table["steps"]] == ["fixture", "analyze", "convert-fp8"]
     steps = {s["name"]: s for s in table["steps"]}
