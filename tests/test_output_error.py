@@ -3,6 +3,8 @@ on a sliced router/expert set; elimination removes an expert that is never chose
 
 import copy
 
+import pytest
+
 import torch
 
 from k2mini.selection.output_error import Routing, elimination_order, expert_outputs, relative_error, routed_output
@@ -58,3 +60,17 @@ def test_unused_expert_is_eliminated_first_and_order_is_a_permutation(tiny_fixtu
     alive = [e for e in range(8) if e not in removed]
     errs = {c: relative_error(x, r, outs, [e for e in alive if e != c]) for c in alive}
     assert order[1] == min(alive, key=lambda c: (errs[c], c))
+
+
+@torch.no_grad()
+def test_residuals_equal_the_relative_error_of_each_kept_set(tiny_fixture):
+    mlp = _layer(tiny_fixture)
+    x = torch.randn(64, mlp.gate.weight.shape[1], generator=torch.Generator().manual_seed(2))
+    r = _routing(mlp)
+    outs = expert_outputs(x, mlp.experts.gate_up_proj, mlp.experts.down_proj)
+    residuals: list[float] = []
+    order = elimination_order(x, r, outs, residuals=residuals)
+    E, k = len(order), r.top_k
+    assert len(residuals) == E - k + 1
+    for i, res in enumerate(residuals):
+        assert res == pytest.approx(relative_error(x, r, outs, order[i:]), rel=1e-4, abs=1e-9)

@@ -271,7 +271,9 @@ def analyze(
             for k, v in _router_weight_stats(ck, layer, opts.weight_norms).items():
                 setattr(es, k, v)
             if sample is not None:
-                es.output_error_order = elimination_order(obs.x_sample, _routing(ck.config, *obs.router), obs.outs)
+                es.output_error_residual = []
+                es.output_error_order = elimination_order(obs.x_sample, _routing(ck.config, *obs.router), obs.outs,
+                                                          residuals=es.output_error_residual)
                 obs.x_sample = obs.outs = obs.router = None  # free the [N, E, H] outputs before the next layer
             stats.experts = es
         layers.append(stats)
