@@ -21,7 +21,7 @@ import contextlib
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,11 +209,15 @@ def read_on(ck: Checkpoint, name: str, device: torch.device) -> torch.Tensor:
     return fp8.dequantize(w.to(device), s.to(device))
 
 
+WeightHook = Callable[[str, torch.Tensor], torch.Tensor]
+
+
 def _load_module(module: torch.nn.Module, ck: Checkpoint, prefix: str, dtype: torch.dtype,
-                 device: torch.device = torch.device("cpu")) -> torch.nn.Module:
+                 device: torch.device = torch.device("cpu"), hook: WeightHook | None = None) -> torch.nn.Module:
     """Fill a meta-device transformers module with the checkpoint's tensors under ``prefix``."""
     names = list(module.state_dict(keep_vars=True))
-    sd = {n: read_on(ck, prefix + n, device).to(dtype) for n in names}
+    read = read_on if hook is None else (lambda ck, name, device: hook(name, read_on(ck, name, device)))
+    sd = {n: read(ck, prefix + n, device).to(dtype) for n in names}
     module.load_state_dict(sd, strict=True, assign=True)
     return module.eval()
 
@@ -270,6 +274,7 @@ class LayerwiseRunner:
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
         attn_implementation: str = "sdpa",
         device: str | torch.device = "cpu",
+        weight_hook: WeightHook | None = None,
     ):
         from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
 
@@ -289,6 +294,9 @@ class LayerwiseRunner:
         self.n_layers = int(self.cfg["num_hidden_layers"])
         self.first_dense = int(self.cfg.get("first_k_dense_replace", 0))
         self.experts_read: dict[int, list[int]] = {}  # layer -> experts whose weights were read
+        # (name, tensor) -> tensor for every decoder-layer weight read for computation (the
+        # dense and expert MLPs, attention, norms): ``k2mini plan`` fake-quantizes through it.
+        self.weight_hook = weight_hook
         self._position_cache: dict[int, tuple] = {}
 
     def is_moe(self, layer: int) -> bool:
@@ -366,7 +374,7 @@ class LayerwiseRunner:
         with torch.device("meta"):
             block = DeepseekV3DecoderLayer(self.hf_cfg, layer)
         for part in ("input_layernorm", "self_attn", "post_attention_layernorm"):
-            _load_module(getattr(block, part), self.ck, f"{prefix}{part}.", self.dtype, self.device)
+            _load_module(getattr(block, part), self.ck, f"{prefix}{part}.", self.dtype, self.device, self.weight_hook)
 
         h_out = self.stores.make(n_seq + extra_seqs, seq_len, hid, name=f"h{layer}")  # residual after attention, then layer output
         xn = self.stores.make(n_seq, seq_len, hid, name=f"x{layer}")  # post-attention norm (MLP input)
@@ -382,13 +390,14 @@ class LayerwiseRunner:
         del block.self_attn, block.input_layernorm, block.post_attention_layernorm
 
         if not self.is_moe(layer):
-            mlp = _load_module(block.mlp, self.ck, f"{prefix}mlp.", self.dtype, self.device)
+            mlp = _load_module(block.mlp, self.ck, f"{prefix}mlp.", self.dtype, self.device, self.weight_hook)
             for s0, s1 in self._batches(n_seq, seq_len):
                 h_out.data[s0:s1] = (self.to_compute(h_out.data[s0:s1]) + mlp(self.to_compute(xn.data[s0:s1]))).float().cpu()
             del mlp
         else:
             routed = self._moe_routed(layer, xn, obs)
-            shared = _load_module(block.mlp.shared_experts, self.ck, f"{prefix}mlp.shared_experts.", self.dtype, self.device)
+            shared = _load_module(block.mlp.shared_experts, self.ck, f"{prefix}mlp.shared_experts.", self.dtype, self.device,
+                                  self.weight_hook)
             for s0, s1 in self._batches(n_seq, seq_len):
                 moe = self.to_compute(routed.data[s0:s1]) + shared(self.to_compute(xn.data[s0:s1]))
                 h_out.data[s0:s1] = (self.to_compute(h_out.data[s0:s1]) + moe).float().cpu()
@@ -399,6 +408,10 @@ class LayerwiseRunner:
         for s0, s1 in self._batches(n_seq, seq_len):
             obs.layer_batch(layer, s0, s1, h_in.data[s0:s1], h_out.data[s0:s1])
         return h_out
+
+    def _expert_weight(self, ck: Checkpoint, name: str) -> torch.Tensor:
+        w = read_on(ck, name, self.device)
+        return (w if self.weight_hook is None else self.weight_hook(name, w)).to(self.dtype)
 
     def _moe_routed(self, layer: int, xn: ActivationStore, obs: LayerObserver) -> ActivationStore:
         """Sum over routed experts of g_j(x) f_j(x), reading only experts with tokens (every
@@ -436,9 +449,7 @@ class LayerwiseRunner:
                 # Same token order as transformers' DeepseekV3Experts: by top-k slot, then token.
                 kpos, tok = torch.where((idx == e).T)
                 ep = f"{prefix}experts.{e}."
-                wg = read_on(ck, ep + "gate_proj.weight", self.device).to(self.dtype)
-                wu = read_on(ck, ep + "up_proj.weight", self.device).to(self.dtype)
-                wd = read_on(ck, ep + "down_proj.weight", self.device).to(self.dtype)
+                wg, wu, wd = (self._expert_weight(ck, ep + f"{p}.weight") for p in ("gate_proj", "up_proj", "down_proj"))
                 if wants_weights:
                     obs.expert_weights(layer, e, wg.cpu(), wu.cpu(), wd.cpu())
                 for c0 in range(0, tok.numel(), _EXPERT_CHUNK):

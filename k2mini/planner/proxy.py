@@ -1,0 +1,120 @@
+"""A score for a cut without running it: what the analysis says its parts cost.
+
+    proxy = sum over dropped layers of c_l
+          + sum over kept MoE layers of c_l * r_l(E)
+          + sum over kept layers of c_l * q(dtype)
+
+``c_l`` is layer l's skip-layer NLL increase (``analyze --nll``; negative ones count as 0),
+the cost of removing all of it. ``r_l(E)`` is the relative squared error of the layer's
+routed output with E experts kept, along the output-error order (``analyze`` records it):
+1 would be the routed output gone, which is less than the whole layer gone, so this
+charges an expert cut at most the layer's cost. ``q(dtype)`` is the relative squared weight
+error of the format (``quantize.intq.roundtrip``) on a sample of the source's projections:
+a weight perturbation of relative size sqrt(q) perturbs the layer's update by about as
+much. All three are in nats of calibration NLL, so they add up; how well the sum ranks
+cuts against measured KL is what ``analysis/study_plan.py`` reports.
+
+Without an analysis (a config alone, e.g. Kimi-K2 before downloading it), every layer costs
+the same (``c_l = 1``) and ``r(E) = 1 - E / n_experts`` (the share of routed experts
+dropped); the quantization error comes from a Gaussian matrix of the experts' shape. That
+prior is a guess and is reported as one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from k2mini.analysis.schema import Analysis
+from k2mini.model.spec import ModelSpec
+
+# Projections sampled for q(dtype): per kept MoE layer this many experts (gate/up/down) plus
+# the attention's q_b and o projections of the first MoE layer.
+_SAMPLE_EXPERTS = 4
+
+
+@dataclass
+class Proxy:
+    layer_cost: list[float]  # c_l per source layer
+    residual: dict[int, list[float]]  # MoE layer -> r_l with i experts removed, i = 0 .. E - top_k
+    quant_error: dict[str, float]  # dtype -> q
+    n_experts: int
+    prior: bool  # True: no analysis, the data-free prior
+    notes: list[str] = field(default_factory=list)
+
+    def r(self, layer: int, experts: int) -> float:
+        res = self.residual.get(layer)
+        if res is None:
+            return 1.0 - experts / self.n_experts
+        return float(res[min(self.n_experts - experts, len(res) - 1)])
+
+    def score(self, kept: list[int], moe: set[int], experts: int, dtype: str) -> float:
+        keep = set(kept)
+        q = self.quant_error.get(dtype, 0.0)
+        s = 0.0
+        for l, c in enumerate(self.layer_cost):
+            if l not in keep:
+                s += c
+            else:
+                s += c * q + (c * self.r(l, experts) if l in moe else 0.0)
+        return s
+
+
+def quant_error(dtype: str, weights: list[torch.Tensor], spec: ModelSpec) -> float:
+    """Relative squared error ||W - roundtrip(W)||^2 / ||W||^2 summed over ``weights``."""
+    if not dtype.startswith("int"):
+        return 0.0  # bf16 and fp8 keep the source's values (fp8 copies the FP8 bytes)
+    from k2mini.quantize import auto_group_size, intq
+    from k2mini.quantize.convert_hook import CHOICES
+
+    bits, group = CHOICES[dtype]
+    err = ref = 0.0
+    for w in weights:
+        g = group if group is not None or bits == 8 else auto_group_size(tuple(w.shape), True)
+        w32 = w.float()
+        err += float((w32 - intq.roundtrip(w32, bits, g)).double().square().sum())
+        ref += float(w32.double().square().sum())
+    return err / ref if ref else 0.0
+
+
+def sample_weights(ck, spec: ModelSpec) -> list[torch.Tensor]:
+    """A few projections of the source: experts of every MoE layer, attention of the first."""
+    moe = [l for l in range(spec.num_hidden_layers) if spec.is_moe(l)]
+    out = []
+    for l in moe:
+        for e in range(min(_SAMPLE_EXPERTS, spec.n_routed_experts)):
+            out += [ck.read(f"model.layers.{l}.mlp.experts.{e}.{p}.weight") for p in ("gate_proj", "up_proj", "down_proj")]
+    out += [ck.read(f"model.layers.{moe[0]}.self_attn.{p}.weight") for p in ("o_proj",) if f"model.layers.{moe[0]}.self_attn.{p}.weight" in ck.tensors]
+    return out
+
+
+def gaussian_weights(cfg: dict) -> list[torch.Tensor]:
+    """Stand-ins of an expert's shapes when there are no weights (config-only planning)."""
+    g = torch.Generator().manual_seed(0)
+    h, i = int(cfg["hidden_size"]), int(cfg["moe_intermediate_size"])
+    return [torch.randn(i, h, generator=g), torch.randn(h, i, generator=g)]
+
+
+def build_proxy(spec: ModelSpec, dtypes: tuple[str, ...], analysis: Analysis | None, weights: list[torch.Tensor]) -> Proxy:
+    q = {d: quant_error(d, weights, spec) for d in dtypes}
+    E = spec.n_routed_experts
+    if analysis is None:
+        return Proxy([1.0] * spec.num_hidden_layers, {}, q, E, prior=True,
+                     notes=["no --analysis: scored by a prior (every layer costs the same, an expert cut costs the share of "
+                            "experts dropped); run `k2mini analyze --nll` for a data-driven score"])
+    notes = []
+    by_layer = {s.layer: s for s in analysis.layers}
+    if analysis.has_nll_increase():
+        cost = [max(0.0, float(by_layer[l].nll_increase)) for l in range(spec.num_hidden_layers)]
+    else:
+        cost = [1.0] * spec.num_hidden_layers
+        notes.append("the analysis has no skip-layer NLL (analyze --nll): every layer costs the same")
+    residual = {}
+    for l, s in by_layer.items():
+        if s.experts is not None and s.experts.output_error_residual:
+            residual[l] = s.experts.output_error_residual
+    if not residual:
+        notes.append("the analysis has no output-error residuals (analyze from before k2mini plan, or --no-output-error): "
+                     "an expert cut costs the share of experts dropped")
+    return Proxy(cost, residual, q, E, prior=False, notes=notes)
