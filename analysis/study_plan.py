@@ -135,7 +135,7 @@ def run_model(name: str, path: Path, work: Path, steps: int, batch: int, seq_len
                      "pick_before": before, "pick_after": after, "mission_before": m_before, "mission_after": m_after,
                      "proxy_spearman": rep["proxy_spearman"], "measured": sum(c["kl"] is not None for c in rep["candidates"]),
                      "plan_seconds": round(plan_s, 1),
-                     "candidates": [{k: c[k] for k in ("layers", "experts", "dtype", "weights_bytes", "proxy", "kl")} for c in rep["candidates"]]})
+                     "candidates": [{k: c[k] for k in ("layers", "experts", "dtype", "weights_bytes", "proxy", "proxy_parts", "kl")} for c in rep["candidates"]]})
         print(f"{name} budget {f:g}x ({budget:,} B): pick {pick['layers']}L x {pick['experts']}E {pick['dtype']} "
               f"({pick['weights_bytes']:,} B) KL {before['kl']:.4f} -> healed {after['kl']:.4f}; mission ({mission_bytes:,} B) "
               f"KL {m_before['kl']:.4f} -> {m_after['kl']:.4f}; proxy Spearman {rep['proxy_spearman']}", flush=True)

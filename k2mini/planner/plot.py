@@ -44,17 +44,18 @@ def plot(r: PlanReport, path: str | Path) -> bool:
         return False
     measured = r.scored_by == "teacher"
     key = "kl" if measured else "proxy"
+    scale, unit = (1e9, "GB") if max(c.weights_bytes for c in r.candidates) >= 1e8 else (1e6, "MB")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for d in r.dtypes:
-        pts = [(c.weights_bytes / 1e9, getattr(c, key)) for c in r.candidates if c.dtype == d and getattr(c, key) is not None]
+        pts = [(c.weights_bytes / scale, getattr(c, key)) for c in r.candidates if c.dtype == d and getattr(c, key) is not None]
         if pts:
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, label=d, alpha=0.7)
     fr = [r.candidates[i] for i in r.frontier]
-    ax.plot([c.weights_bytes / 1e9 for c in fr], [getattr(c, key) for c in fr], "k-", lw=1, label="frontier")
+    ax.plot([c.weights_bytes / scale for c in fr], [getattr(c, key) for c in fr], "k-", lw=1, label="frontier")
     p = r.picked()
-    ax.scatter([p.weights_bytes / 1e9], [getattr(p, key)], marker="*", s=180, c="red", zorder=5,
+    ax.scatter([p.weights_bytes / scale], [getattr(p, key)], marker="*", s=180, c="red", zorder=5,
                label=f"pick: {p.layers}L x {p.experts}E {p.dtype}")
-    ax.set_xlabel("weights (GB)")
+    ax.set_xlabel(f"weights ({unit})")
     ax.set_ylabel("held-out KL to the teacher" if measured else f"proxy score ({r.scored_by})")
     ax.set_title(f"k2mini plan: {r.target}, the largest cut per layer count and dtype")
     ax.grid(alpha=0.3)

@@ -49,16 +49,21 @@ class Proxy:
             return 1.0 - experts / self.n_experts
         return float(res[min(self.n_experts - experts, len(res) - 1)])
 
-    def score(self, kept: list[int], moe: set[int], experts: int, dtype: str) -> float:
+    def parts(self, kept: list[int], moe: set[int], experts: int, dtype: str) -> tuple[float, float, float]:
+        """(dropped layers, expert cuts, quantization) terms of the score."""
         keep = set(kept)
         q = self.quant_error.get(dtype, 0.0)
-        s = 0.0
+        drop = cut = quant = 0.0
         for l, c in enumerate(self.layer_cost):
             if l not in keep:
-                s += c
+                drop += c
             else:
-                s += c * q + (c * self.r(l, experts) if l in moe else 0.0)
-        return s
+                quant += c * q
+                cut += c * self.r(l, experts) if l in moe else 0.0
+        return drop, cut, quant
+
+    def score(self, kept: list[int], moe: set[int], experts: int, dtype: str) -> float:
+        return sum(self.parts(kept, moe, experts, dtype))
 
 
 def quant_error(dtype: str, weights: list[torch.Tensor], spec: ModelSpec) -> float:

@@ -49,6 +49,7 @@ class Candidate(BaseModel):
     needed_bytes: int | None = None  # with a GPU: weights + KV cache + activations + reserved
     kept_layers: list[int]
     proxy: float | None = None
+    proxy_parts: tuple[float, float, float] | None = None  # dropped layers, expert cuts, quantization
     kl: float | None = None  # measured held-out KL(teacher || cut) per position
     nll: float | None = None
     seconds: float | None = None
@@ -208,7 +209,7 @@ def make_plan(o: PlanOptions):
         kept = kept_of[c.layers]
         cands.append(Candidate(layers=c.layers, experts=c.experts, dtype=c.dtype, weights_bytes=model.weights(c),
                                needed_bytes=None if weights_only else model.needed(c), kept_layers=kept,
-                               proxy=proxy.score(kept, moe, c.experts, c.dtype)))
+                               proxy=proxy.score(kept, moe, c.experts, c.dtype), proxy_parts=proxy.parts(kept, moe, c.experts, c.dtype)))
 
     report_extra = {}
     plans = {}
