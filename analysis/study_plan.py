@@ -142,6 +142,16 @@ def run_model(name: str, path: Path, work: Path, steps: int, batch: int, seq_len
     return {"model": name, "rows": rows}
 
 
+def _default_rho(cands: list[dict]) -> float | None:
+    """Spearman of plan's proxy (its default weights) vs measured KL over measured cuts."""
+    from k2mini.planner.proxy import EXPERT_WEIGHT, QUANT_WEIGHT
+
+    data = [(c["proxy_parts"], c["kl"]) for c in cands if c.get("proxy_parts") and c["kl"] is not None]
+    if len(data) < 3:
+        return None
+    return _spearman([d + EXPERT_WEIGHT * e + QUANT_WEIGHT * q for (d, e, q), _ in data], [kl for _, kl in data])
+
+
 def table(results: list[dict]) -> str:
     head = ["| model | budget (weights) | cut | bytes | held-out KL before heal | after heal (lora) | ppl before | ppl after | proxy Spearman (cuts measured) |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -155,11 +165,47 @@ def table(results: list[dict]) -> str:
                    f"{r0['mission_after']['kl']:.4f} | {r0['mission_before']['ppl']:.1f} | {r0['mission_after']['ppl']:.1f} | - |")
         for r in rows:
             p = r["pick"]
-            sp = f"{r['proxy_spearman']:.2f} ({r['measured']})" if r["proxy_spearman"] is not None else f"- ({r['measured']})"
+            sp = _default_rho(r["candidates"])
+            sp = f"{sp:.2f} ({r['measured']})" if sp is not None else f"- ({r['measured']})"
             out.append(f"| {res['model']} | {r['budget_factor']:g}x = {r['budget_bytes']:,} | plan: {p['layers']}L x {p['experts']}E {p['dtype']} | "
                        f"{p['weights_bytes']:,} | {r['pick_before']['kl']:.4f} | {r['pick_after']['kl']:.4f} | "
                        f"{r['pick_before']['ppl']:.1f} | {r['pick_after']['ppl']:.1f} | {sp} |")
     return "\n".join(head + out)
+
+
+BETAS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+GAMMAS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+
+
+def _spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def fit_proxy(results: list[dict]) -> dict:
+    """Weights of the proxy's expert-cut (beta) and quantization (gamma) terms that best rank
+    the measured cuts: per model in-sample, and fitted on the other models (leave one out)."""
+    pts = {res["model"]: [(c["proxy_parts"], c["kl"]) for r in res["rows"] for c in r["candidates"]
+                          if c.get("proxy_parts") and c["kl"] is not None] for res in results}
+
+    def rho(data, b, g):
+        return _spearman([d + b * e + g * q for (d, e, q), _ in data], [kl for _, kl in data])
+
+    out = {}
+    for m, data in pts.items():
+        if len(data) < 3:
+            continue
+        best = max(((b, g) for b in BETAS for g in GAMMAS), key=lambda bg: rho(data, *bg))
+        others = [x for o, d in pts.items() if o != m for x in d]
+        loo = max(((b, g) for b in BETAS for g in GAMMAS), key=lambda bg: rho(others, *bg)) if len(others) >= 3 else None
+        out[m] = {"cuts": len(data), "rho_unweighted": rho(data, 1.0, 1.0), "best": best, "rho_best": rho(data, *best),
+                  "fit_on_others": loo, "rho_fit_on_others": rho(data, *loo) if loo else None}
+    allp = [x for d in pts.values() for x in d]
+    if len(allp) >= 3:
+        best = max(((b, g) for b in BETAS for g in GAMMAS), key=lambda bg: rho(allp, *bg))
+        out["all"] = {"cuts": len(allp), "rho_unweighted": rho(allp, 1.0, 1.0), "best": best, "rho_best": rho(allp, *best)}
+    return out
 
 
 @click.command()
@@ -185,6 +231,9 @@ def main(models, combine, work, steps, batch_size, seq_len, teacher_samples, eva
             results.append(run_model(name, Path(path), work / name, steps, batch_size, seq_len, teacher_samples, eval_windows))
     (RESULTS / f"{out}.json").write_text(json.dumps({"results": results}, indent=1))
     md = table(results)
+    fit = fit_proxy(results)
+    md += "\n\nProxy = dropped-layer cost + beta x expert-cut cost + gamma x quantization cost; Spearman vs measured KL:\n"
+    md += "\n".join(f"- {m}: {f}" for m, f in fit.items())
     (RESULTS / f"{out}.md").write_text(md + "\n")
     print(md)
 
