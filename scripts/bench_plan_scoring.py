@@ -8,7 +8,7 @@ tokens. Measured: ``k2mini plan --teacher`` on the real-dims fixture (K2's tenso
 few layers and experts), seconds and source bytes read per measured cut, against the same
 on-paper formula for that fixture's cuts.
 
-  python scripts/bench_plan_scoring.py --fixture /tmp/k2mini-rd --tokens 512
+  python scripts/bench_plan_scoring.py --fixture /tmp/k2mini-rd --tokens 64
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def active_params(cfg: dict, layers: int) -> int:
 @click.command()
 @click.option("--fixture", type=click.Path(path_type=Path), default=Path("/tmp/k2mini-rd"), show_default=True,
               help="Real-dims fixture (built here if missing: about 2.4 GB).")
-@click.option("--tokens", default=512, show_default=True, help="Held-out tokens per measured cut on the fixture.")
+@click.option("--tokens", default=64, show_default=True, help="Held-out tokens per measured cut on the fixture.")
 @click.option("--k2-tokens", default=65536, show_default=True, help="Held-out tokens per cut, on paper at K2 scale.")
 @click.option("--json", "as_json", is_flag=True)
 def main(fixture: Path, tokens: int, k2_tokens: int, as_json: bool) -> None:
@@ -69,7 +69,7 @@ def main(fixture: Path, tokens: int, k2_tokens: int, as_json: bool) -> None:
         subprocess.run([sys.executable, "-m", "k2mini.cli", "fixture", str(fixture), "--preset", "real-dims"], check=True,
                        capture_output=True)
     teacher = fixture.with_name(fixture.name + ".teacher")
-    seq = 64
+    seq = 32
     n_seq = max(10, 10 * tokens // seq)  # heal's 10% held out = ``tokens``
     if not teacher.exists():
         subprocess.run([sys.executable, "-m", "k2mini.cli", "teacher", "-s", str(fixture), "-o", str(teacher), "--samples", str(n_seq),
