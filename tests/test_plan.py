@@ -106,10 +106,10 @@ def test_budget_nothing_fits_is_one_line_naming_the_smallest_cut_and_its_size(ti
     r = invoke("convert-fast", "-s", str(src), "--layers", "2", "--experts", str(cfg["num_experts_per_tok"]), "--dtype", "int4",
                "-o", str(out), "--no-progress")
     assert r.exit_code == 0, r.output
-    from k2mini.commands.convert import human_bytes
+    from k2mini.sizes import format_size
 
     assert f"2L x {cfg['num_experts_per_tok']}E int4" in lines[0]
-    assert human_bytes(_safetensors_bytes(out)) in lines[0]
+    assert format_size(_safetensors_bytes(out)) in lines[0]
 
 
 # -- measured score ----------------------------------------------------------------------

@@ -50,8 +50,8 @@ def plan_cmd(source, gpu, budget, context, batch, dtypes, analysis, teacher, mea
       k2mini plan -s ./nano --budget 3MB --analysis a.json --teacher ./nano.teacher -o plan.json
       k2mini convert -s ./Kimi-K2-Instruct --plan plan.json -o ./k2-fit
     """
-    from k2mini.checkpoint.writer import parse_size
-    from k2mini.commands.convert import human_bytes
+    from k2mini.sizes import parse_size
+    from k2mini.sizes import format_size
     from k2mini.planner.plot import plot, table
     from k2mini.planner.run import PlanOptions, make_plan
 
@@ -78,14 +78,14 @@ def plan_cmd(source, gpu, budget, context, batch, dtypes, analysis, teacher, mea
         click.echo(json.dumps(report.model_dump(), indent=1))
         return
     p = report.picked()
-    cap = human_bytes(report.capacity_bytes)
+    cap = format_size(report.capacity_bytes)
     what = f"{report.target} ({cap})" if not report.weights_only else f"weights budget {cap}"
     click.echo(f"k2mini plan for {what}: {len(report.candidates)} largest-fitting cuts, scored by {report.scored_by}")
     for line in table(report):
         click.echo("  " + line)
     score = f"held-out KL {p.kl:.4g}, NLL {p.nll:.4g}" if p.kl is not None else f"proxy {p.proxy:.4g}"
-    need = f", needs {human_bytes(p.needed_bytes)} of {cap}" if p.needed_bytes is not None else ""
-    click.echo(f"pick: {p.layers} layers x {p.experts} experts, {p.dtype}: weights {human_bytes(p.weights_bytes)}{need}; {score}")
+    need = f", needs {format_size(p.needed_bytes)} of {cap}" if p.needed_bytes is not None else ""
+    click.echo(f"pick: {p.layers} layers x {p.experts} experts, {p.dtype}: weights {format_size(p.weights_bytes)}{need}; {score}")
     click.echo(f"  kept layers: {', '.join(map(str, p.kept_layers))}")
     if report.proxy_spearman is not None:
         click.echo(f"  proxy vs measured KL over the {sum(c.kl is not None for c in report.candidates)} measured cuts: "

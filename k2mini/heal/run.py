@@ -71,9 +71,8 @@ def run_heal(reduced_arg: str, teacher_arg: str, out: Path, opts: HealOptions, *
         raise UsageError(f"--batch-size {opts.batch_size}: must be a multiple of the {world} ranks (each takes an equal slice)")
     cache.verify()  # a corrupt shard is found now, not hours into training
     planned = sum(reduced.info(n).nbytes for n in weight_names(reduced)) + (1 << 20)
-    od = open_on_main_rank(out, state=accelerator.state, source=reduced_arg, overwrite=overwrite, resume=resume,
-                           planned_bytes=planned)
-    try:
+    with open_on_main_rank(out, state=accelerator.state, source=reduced_arg, overwrite=overwrite, resume=resume,
+                           planned_bytes=planned) as od:
         cuda = accelerator.device.type == "cuda"
         # On CUDA the frozen weights stay BF16 (LoRA, router) and full training keeps FP32
         # master weights under BF16 autocast; on CPU everything is FP32.
@@ -101,13 +100,10 @@ def run_heal(reduced_arg: str, teacher_arg: str, out: Path, opts: HealOptions, *
         }
         write_log(od.partial / LOG_FILE, result.log)
         plot_log([asdict(x) for x in result.log], od.partial / LOSS_PNG)
-        write_healed(od.partial, reduced, methods.merged(trained), block, card_section(block))
+        write_healed(od.partial, reduced, methods.merged(trained), block, card_section(block), own_files=(LOG_FILE, LOSS_PNG, REPORT))
         (od.partial / "train_state.pt").unlink(missing_ok=True)
         report = {"heal": block, "ranks": result.ranks, "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
                   "peak_gpu_bytes": result.peak_gpu_bytes, "resumed_from_step": result.resumed_from_step}
         (od.partial / REPORT).write_text(json.dumps(report, indent=1))
         od.commit()
         return block, result
-    finally:
-        if od is not None:
-            od.__exit__(None, None, None)

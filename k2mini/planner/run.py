@@ -152,11 +152,11 @@ def enumerate_cuts(model: MemoryModel, capacity: int, weights_only: bool, dtypes
     if not cuts:
         smallest = min((Cut(n_min, model.top_k, d) for d in dtypes), key=model.weights)
         size = model.weights(smallest) if weights_only else model.needed(smallest)
-        from k2mini.commands.convert import human_bytes
+        from k2mini.sizes import format_size
 
         what = "weights" if weights_only else f"weights + KV cache + activations at {model.context} x {model.batch}"
-        raise UsageError(f"nothing fits in {human_bytes(capacity)}: the smallest cut, {smallest.label()}, needs "
-                         f"{human_bytes(size)} ({what})")
+        raise UsageError(f"nothing fits in {format_size(capacity)}: the smallest cut, {smallest.label()}, needs "
+                         f"{format_size(size)} ({what})")
     return cuts
 
 
@@ -235,11 +235,11 @@ def make_plan(o: PlanOptions):
 
 
 def _pick_note(c: Candidate, o: PlanOptions, scored_by: str) -> str:
-    from k2mini.commands.convert import human_bytes
+    from k2mini.sizes import format_size
 
-    target = f"--gpu {o.gpu} (context {o.context}, batch {o.batch})" if o.gpu else f"--budget {human_bytes(o.budget)}"
+    target = f"--gpu {o.gpu} (context {o.context}, batch {o.batch})" if o.gpu else f"--budget {format_size(o.budget)}"
     score = f"held-out KL {c.kl:.4g}" if c.kl is not None else f"proxy {c.proxy:.4g} ({scored_by})"
-    return f"k2mini plan {target}: {c.layers} layers x {c.experts} experts {c.dtype}, weights {human_bytes(c.weights_bytes)}, {score}"
+    return f"k2mini plan {target}: {c.layers} layers x {c.experts} experts {c.dtype}, weights {format_size(c.weights_bytes)}, {score}"
 
 
 def _build(ck, c: Candidate, analysis, analysis_path):
