@@ -139,7 +139,7 @@ def run_model(name: str, path: Path, work: Path, steps: int, batch: int, seq_len
         print(f"{name} budget {f:g}x ({budget:,} B): pick {pick['layers']}L x {pick['experts']}E {pick['dtype']} "
               f"({pick['weights_bytes']:,} B) KL {before['kl']:.4f} -> healed {after['kl']:.4f}; mission ({mission_bytes:,} B) "
               f"KL {m_before['kl']:.4f} -> {m_after['kl']:.4f}; proxy Spearman {rep['proxy_spearman']}", flush=True)
-    return {"model": name, "rows": rows}
+    return {"model": name, "unpruned": evaluate(source, ids, ref), "rows": rows}
 
 
 def _default_rho(cands: list[dict]) -> float | None:
@@ -161,6 +161,8 @@ def table(results: list[dict]) -> str:
         if not rows:
             continue
         r0 = rows[0]
+        if res.get("unpruned"):
+            out.append(f"| {res['model']} | - | unpruned | - | 0 | - | {res['unpruned']['ppl']:.1f} | - | - |")
         out.append(f"| {res['model']} | - | mission-shaped 4L x 4E bf16 | {r0['mission_bytes']:,} | {r0['mission_before']['kl']:.4f} | "
                    f"{r0['mission_after']['kl']:.4f} | {r0['mission_before']['ppl']:.1f} | {r0['mission_after']['ppl']:.1f} | - |")
         for r in rows:
