@@ -203,10 +203,7 @@ def fit_proxy(results: list[dict]) -> dict:
         loo = max(((b, g) for b in BETAS for g in GAMMAS), key=lambda bg: rho(others, *bg)) if len(others) >= 3 else None
         out[m] = {"cuts": len(data), "rho_unweighted": rho(data, 1.0, 1.0), "best": best, "rho_best": rho(data, *best),
                   "fit_on_others": loo, "rho_fit_on_others": rho(data, *loo) if loo else None}
-    allp = [x for d in pts.values() for x in d]
-    if len(allp) >= 3:
-        best = max(((b, g) for b in BETAS for g in GAMMAS), key=lambda bg: rho(allp, *bg))
-        out["all"] = {"cuts": len(allp), "rho_unweighted": rho(allp, 1.0, 1.0), "best": best, "rho_best": rho(allp, *best)}
+    # Not pooled over models: plan ranks the cuts of one model, and KL scales differ between models.
     return out
 
 
