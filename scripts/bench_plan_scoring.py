@@ -57,9 +57,11 @@ def active_params(cfg: dict, layers: int) -> int:
 def main(fixture: Path, tokens: int, k2_tokens: int, as_json: bool) -> None:
     out: dict = {"load_average": os.getloadavg()}
     k2 = json.loads(REFERENCE.read_text())
-    # K2 cuts: the mission's and what plan picks for an H100 / H200 / RTX 4090 at 32k (config only).
+    # K2 cuts: the mission's, what plan picks from the config for an RTX 4090 / H100 / H200 at 32k
+    # context, and the whole model.
     paper = []
-    for name, (layers, experts) in {"mission 24x16": (24, 16), "61x32": (61, 32), "61x96": (61, 96), "10x378": (10, 378)}.items():
+    cuts = {"mission 24x16": (24, 16), "61x8 (rtx4090)": (61, 8), "61x51 (h100)": (61, 51), "61x99 (h200)": (61, 99), "61x384": (61, 384)}
+    for name, (layers, experts) in cuts.items():
         read = cut_read_bytes(k2, layers, experts)
         paper.append({"cut": name, "bytes_read": read, "tokens": k2_tokens,
                       "flops": 2 * active_params(k2, layers) * k2_tokens})
