@@ -39,7 +39,7 @@ EXPERT_WEIGHT = 0.3
 QUANT_WEIGHT = 0.1
 
 # Projections sampled for q(dtype): per kept MoE layer this many experts (gate/up/down) plus
-# the attention's q_b and o projections of the first MoE layer.
+# the attention output projection of the first MoE layer.
 _SAMPLE_EXPERTS = 4
 
 
@@ -100,8 +100,8 @@ def sample_weights(ck, spec: ModelSpec) -> list[torch.Tensor]:
     for l in moe:
         for e in range(min(_SAMPLE_EXPERTS, spec.n_routed_experts)):
             out += [ck.read(f"model.layers.{l}.mlp.experts.{e}.{p}.weight") for p in ("gate_proj", "up_proj", "down_proj")]
-    out += [ck.read(f"model.layers.{moe[0]}.self_attn.{p}.weight") for p in ("o_proj",) if f"model.layers.{moe[0]}.self_attn.{p}.weight" in ck.tensors]
-    return out
+    o_proj = f"model.layers.{moe[0]}.self_attn.o_proj.weight"
+    return out + ([ck.read(o_proj)] if o_proj in ck.tensors else [])
 
 
 def gaussian_weights(cfg: dict) -> list[torch.Tensor]:

@@ -2,9 +2,10 @@
 
 The candidates are the *maximal* cuts: for each dtype and number of kept layers, the most
 experts per MoE layer that fit. Any cut that fits is contained in one of them (same layers
-and dtype, fewer experts), and keeping more of the model never scored worse in the nano
-study, so the best cut that fits is among these: at most (layers x dtypes) of them, 244 for
-Kimi-K2 with four dtypes, instead of every (layers, experts, dtype).
+and dtype, fewer experts); plan assumes that keeping an expert more never makes a cut worse
+(true of the proxy by construction, not checked for measured KL), so it scores at most
+(layers x dtypes) cuts, 240 for Kimi-K2 with four dtypes, instead of every (layers, experts,
+dtype).
 """
 
 from __future__ import annotations
