@@ -6,6 +6,7 @@
   error), no model run;
 - ``measure``: the held-out KL to a teacher cache of a cut run on the fly by the
   layer-streamed runner (no checkpoint written);
-- ``frontier``: bytes vs score, the recommendation, the table and the PNG;
-- ``run``: options -> report + the Plan that ``convert --plan`` applies.
+- ``run``: options -> candidates, scores, the frontier (bytes vs score), the pick, and the
+  Plan that ``convert --plan`` applies;
+- ``plot``: the frontier as a table and a PNG.
 """
