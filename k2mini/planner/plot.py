@@ -57,7 +57,7 @@ def plot(r: PlanReport, path: str | Path) -> bool:
                label=f"pick: {p.layers}L x {p.experts}E {p.dtype}")
     ax.set_xlabel(f"weights ({unit})")
     ax.set_ylabel("held-out KL to the teacher" if measured else f"proxy score ({r.scored_by})")
-    ax.set_title(f"k2mini plan: {r.target}, the largest cut per layer count and dtype")
+    ax.set_title(f"k2mini plan: {r.target}\nthe largest cut per layer count and dtype", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
