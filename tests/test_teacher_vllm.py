@@ -350,8 +350,9 @@ def test_killed_run_resumes_to_the_uninterrupted_cache_and_leaves_no_engine(tiny
 ])
 def test_an_engine_that_is_missing_refuses_crashes_or_hangs_is_one_line_and_exit_2(tiny_fixture, engine, tmp_path, mode, needle):
     out = tmp_path / "o"
+    timeout = "3" if mode != "crash-second" else "120"  # that one loads the model first
     r = teacher("-s", str(tiny_fixture.path), "-o", str(out), "--engine", "vllm", "--engine-python", str(engine),
-                "--engine-timeout", "3", *ARGS, mode=mode)
+                "--engine-timeout", timeout, *ARGS, mode=mode)
     assert r.exit_code == 2, r.output
     assert r.output.strip().count("\n") == 0 and needle.format(engine=engine) in r.output, r.output
     assert not out.exists()
