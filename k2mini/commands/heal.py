@@ -8,10 +8,7 @@ from pathlib import Path
 import click
 
 from k2mini.errors import UsageError
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
+from k2mini.sizes import format_size
 
 
 @click.command("heal")
@@ -131,7 +128,7 @@ def heal_cmd(reduced, teacher, output, method, steps, epochs, lr, batch_size, lo
     click.echo(f"  train KL {block['first_loss']:.4f} -> {block['last_loss']:.4f}"
                + (f"; held-out KL {block['first_eval_kl']:.4f} -> {block['last_eval_kl']:.4f}" if block["first_eval_kl"] is not None else ""))
     click.echo(f"  {result.ranks} rank(s), {result.seconds:.1f} s, {result.tokens_per_second:,.0f} tokens/s"
-               + (f", peak GPU memory {_gib(result.peak_gpu_bytes)}" if result.peak_gpu_bytes else "")
+               + (f", peak GPU memory {format_size(result.peak_gpu_bytes, binary=True)}" if result.peak_gpu_bytes else "")
                + (f" (resumed at step {result.resumed_from_step})" if result.resumed_from_step else ""))
     click.echo(f"  next: k2mini validate {output} --reference SOURCE")
 
@@ -161,13 +158,13 @@ def _dry_run(reduced, teacher, method, batch_size, lora_rank, gpus, gpu_profile,
         click.echo(json.dumps(p, indent=1))
         return
     click.echo(f"heal (dry run): {reduced}, {p['params'] / 1e9:.2f}B parameters, {gpus} x {profile.name} "
-               f"({_gib(usable)} usable each), {batch_size // gpus} sequence(s) of {seq_len} tokens per GPU, gradient checkpointing "
+               f"({format_size(usable, binary=True)} usable each), {batch_size // gpus} sequence(s) of {seq_len} tokens per GPU, gradient checkpointing "
                f"{'on' if checkpointing else 'off'}")
     for name, m in p["methods"].items():
         mark = "<- --method" if name == method else ""
-        click.echo(f"  {name:6s} {m['parallel']:5s} trainable {m['trainable_params'] / 1e6:9.2f}M  weights {_gib(m['weights']):>10s}  "
-                   f"grads+AdamW {_gib(m['trainable_state']):>10s}  activations {_gib(m['activations']):>10s}  "
-                   f"total {_gib(m['total']):>10s}  {'fits' if m['fits'] else 'does NOT fit'} {mark}")
+        click.echo(f"  {name:6s} {m['parallel']:5s} trainable {m['trainable_params'] / 1e6:9.2f}M  weights {format_size(m['weights'], binary=True):>10s}  "
+                   f"grads+AdamW {format_size(m['trainable_state'], binary=True):>10s}  activations {format_size(m['activations'], binary=True):>10s}  "
+                   f"total {format_size(m['total'], binary=True):>10s}  {'fits' if m['fits'] else 'does NOT fit'} {mark}")
     if gpus > 1:
         click.echo("  note: full on several GPUs needs FSDP2 (sharded as above); heal runs DDP today: accelerate enables FSDP "
                    "on GPUs only and none was available to test it, so it is not wired yet")

@@ -14,7 +14,8 @@ import torch
 from k2mini.checkpoint.names import Role
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.checkpoint.safetensors_format import PlannedTensor
-from k2mini.checkpoint.writer import WriteUnit, write_file, write_sharded
+from k2mini.checkpoint.reduced import ReducedCheckpoint
+from k2mini.checkpoint.writer import WriteUnit
 from k2mini.model.hf import unfuse_experts
 
 LOSS_PNG = "heal_loss.png"
@@ -27,10 +28,10 @@ def weight_names(ck: Checkpoint) -> list[str]:
     return [n for n in ck.weight_names() if ck.tensors[n].parsed.role is not Role.INV_FREQ]
 
 
-def write_healed(partial: Path, reduced: Checkpoint, model: torch.nn.Module, heal_block: dict[str, Any], card_section: str) -> int:
-    """Write ``model`` (a plain DeepseekV3ForCausalLM) into ``partial``; returns tensor bytes."""
-    from k2mini.convert.pipeline import aux_files
-
+def write_healed(partial: Path, reduced: Checkpoint, model: torch.nn.Module, heal_block: dict[str, Any], card_section: str,
+                 own_files: tuple[str, ...] = ()) -> int:
+    """Write ``model`` (a plain DeepseekV3ForCausalLM) into ``partial``; returns tensor bytes.
+    ``own_files``: what heal writes there itself (log, curve), never copied from REDUCED."""
     tensors = unfuse_experts(dict(model.state_dict()))
     units = []
     for name in weight_names(reduced):
@@ -40,16 +41,12 @@ def write_healed(partial: Path, reduced: Checkpoint, model: torch.nn.Module, hea
             raise RuntimeError(f"{name}: healed shape {list(t.shape)} differs from the reduced model's {list(info.shape)}")
         units.append(WriteUnit((PlannedTensor(name, info.dtype, info.shape),),
                                lambda t=t, dt=_DTYPES[info.dtype]: [t.detach().to("cpu", dt).contiguous()]))
-    copy, _ = aux_files(reduced)
-    for f in copy + [f for f in ("plan.json",) if reduced.source.exists(f)]:
-        write_file(partial / f, reduced.source.read_bytes(f))
     cfg = json.loads(reduced.source.read_bytes("config.json"))
     cfg.setdefault("k2mini", {})["heal"] = heal_block
-    write_file(partial / "config.json", (json.dumps(cfg, indent=2) + "\n").encode())
     card = reduced.source.read_bytes("README.md").decode() if reduced.source.exists("README.md") else "# Reduced model\n"
-    write_file(partial / "README.md", (card.rstrip("\n") + "\n\n" + card_section).encode())
-    res = write_sharded(partial, units)
-    return res.total_size
+    writer = ReducedCheckpoint(reduced.source, cfg, files={"README.md": (card.rstrip("\n") + "\n\n" + card_section).encode()},
+                               own_files=own_files)
+    return writer.write(partial, units).total_size
 
 
 def card_section(block: dict[str, Any]) -> str:

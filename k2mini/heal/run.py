@@ -101,7 +101,7 @@ def run_heal(reduced_arg: str, teacher_arg: str, out: Path, opts: HealOptions, *
         }
         write_log(od.partial / LOG_FILE, result.log)
         plot_log([asdict(x) for x in result.log], od.partial / LOSS_PNG)
-        write_healed(od.partial, reduced, methods.merged(trained), block, card_section(block))
+        write_healed(od.partial, reduced, methods.merged(trained), block, card_section(block), own_files=(LOG_FILE, LOSS_PNG, REPORT))
         (od.partial / "train_state.pt").unlink(missing_ok=True)
         report = {"heal": block, "ranks": result.ranks, "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
                   "peak_gpu_bytes": result.peak_gpu_bytes, "resumed_from_step": result.resumed_from_step}

@@ -40,6 +40,7 @@ from k2mini.analysis.schema import SourceFingerprint
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.engine.process import EngineFailure, EngineProcess
 from k2mini.errors import UsageError
+from k2mini.model.layerwise import DEFAULT_MEMORY_BUDGET
 from k2mini.teacher.cache import TeacherManifest, TokenizerIdentity, encode_block, write_block
 from k2mini.teacher.run import CachePlan, RankStats, check_top_k, write_cache
 
@@ -55,7 +56,7 @@ class VllmOptions:
     python: str
     top_k: int = 64
     block_sequences: int | None = None  # None: as many as fit memory_budget
-    memory_budget: int = 4 << 30
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
