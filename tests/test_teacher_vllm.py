@@ -403,3 +403,40 @@ def test_heal_trains_from_a_cache_without_the_log_sum_exp(caches, tiny_fixture, 
     # Same sequences, same seed, a teacher equal within float16 rounding: the same held-out KL to 3 digits.
     for key in ("first_eval_kl", "last_eval_kl", "first_loss", "last_loss"):
         assert res["layerwise"][key] == pytest.approx(res["vllm"][key], rel=1e-2), key
+
+
+def test_agreement_of_the_two_engines_caches(caches):
+    """Against a cache itself: perfect. Against the stand-in's: what test_both_caches... pins
+    element-wise, summed up (same ids, log-probs within float16 rounding)."""
+    from k2mini.teacher.agreement import agreement
+
+    out, _, _ = caches
+    lw, vl = TeacherCache(out["layerwise"]), TeacherCache(out["vllm"])
+    same = agreement(lw, lw, batch=2)
+    assert same["top1_agreement"] == 1.0 and same["mean_abs_dlogp_shared"] == 0.0 and same["max_abs_dtail"] == 0.0
+    assert same["shared_ids_per_position"] == 8 and same["positions"] == 120 and same["mean_tail"] > 0.01
+    a = agreement(lw, vl, batch=2)
+    assert a["top1_agreement"] == 1.0 and a["shared_ids_per_position"] == 8
+    assert a["mean_abs_dlogp_shared"] < 2e-3 and a["max_abs_dtail"] < 2e-3
+    # The same figures position by position in plain Python, against a perturbed copy.
+    x, y = lw.read(range(5)), vl.read(range(5))
+    y.topk_logprobs[..., 1] -= 0.01
+    y.topk_ids[0, 0] = y.topk_ids[0, 0].flip(0)
+    diffs, top1 = [], 0
+    for s in range(5):
+        for t in range(24):
+            db = dict(zip(y.topk_ids[s, t].tolist(), y.topk_logprobs[s, t].tolist()))
+            diffs += [abs(v - db[i]) for i, v in zip(x.topk_ids[s, t].tolist(), x.topk_logprobs[s, t].tolist()) if i in db]
+            top1 += int(x.topk_ids[s, t, 0] == y.topk_ids[s, t, 0])
+
+    class Fixed:
+        sequences, seq_len, path = 5, 24, "perturbed"
+
+        def read(self, idx):
+            from k2mini.teacher.cache import TeacherBatch
+            idx = list(idx)
+            return TeacherBatch(y.input_ids[idx], y.topk_ids[idx], y.topk_logprobs[idx], None)
+
+    p = agreement(lw, Fixed(), batch=2)
+    assert p["top1_agreement"] == top1 / 120 == 119 / 120
+    assert p["mean_abs_dlogp_shared"] == pytest.approx(sum(diffs) / len(diffs), rel=1e-6) and p["mean_abs_dlogp_shared"] > 1e-3
