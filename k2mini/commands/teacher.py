@@ -144,13 +144,7 @@ def teacher_cmd(source, output, calib, samples, seq_len, tokens, seed, top_k, me
 
         if dry_run:
             est = estimate_cache(calib_set, vopts)
-            if as_json:
-                click.echo(json.dumps(est, indent=1))
-                return
-            click.echo(f"teacher (dry run, nothing written): {est['tokens']:,} tokens = {est['sequences']:,} sequences x {seq_len}, "
-                       f"top-k {top_k}, in vLLM with {json.dumps(est['engine_args'])}")
-            click.echo(f"  cache: {format_size(est['cache_bytes'])} ({est['bytes_per_token']} B/token, no log-sum-exp) in "
-                       f"{est['blocks']} block(s) of {est['block_sequences']} sequences")
+            _echo_estimate(est, as_json, f"in vLLM with {json.dumps(est['engine_args'])}", ", no log-sum-exp", [])
             return
         manifest, stats = run_teacher_vllm(ck, calib_set, tokenizer_identity(ck, tok.eos_id), output, vopts, source_arg=source,
                                            overwrite=overwrite, resume=resume)
@@ -162,24 +156,31 @@ def teacher_cmd(source, output, calib, samples, seq_len, tokens, seed, top_k, me
                           progress=not quiet and not as_json)
     if dry_run:
         est = estimate(ck, calib_set, opts)
-        if as_json:
-            click.echo(json.dumps(est, indent=1))
-            return
-        click.echo(f"teacher (dry run, nothing written): {est['tokens']:,} tokens = {est['sequences']:,} sequences x {seq_len}, "
-                   f"top-k {top_k}, on {est['device']}")
-        click.echo(f"  cache: {format_size(est['cache_bytes'])} ({est['bytes_per_token']} B/token) in {est['blocks']} block(s) "
-                   f"of {est['block_sequences']} sequences")
-        click.echo(f"  reads: at most {format_size(est['bytes_read_per_sweep'])} per sweep (largest layer "
-                   f"{format_size(max(est['bytes_read_per_layer'], default=0))}; MoE layers read only routed experts), "
-                   f"{format_size(est['bytes_read_total'])} in all")
-        click.echo(f"  time: about {est['estimated_seconds'] / 3600:.2f} h on this process (from a probe of {est['probe_tokens']} "
-                   f"tokens through the first dense and MoE layers, reads included; divide by the ranks you launch)")
+        _echo_estimate(est, as_json, f"on {est['device']}", "", [
+            f"  reads: at most {format_size(est['bytes_read_per_sweep'])} per sweep (largest layer "
+            f"{format_size(max(est['bytes_read_per_layer'], default=0))}; MoE layers read only routed experts), "
+            f"{format_size(est['bytes_read_total'])} in all",
+            f"  time: about {est['estimated_seconds'] / 3600:.2f} h on this process (from a probe of {est['probe_tokens']} "
+            "tokens through the first dense and MoE layers, reads included; divide by the ranks you launch)"])
         return
     manifest, stats = run_teacher(ck, calib_set, tokenizer_identity(ck, tok.eos_id), output, opts, source_arg=source,
                                   overwrite=overwrite, resume=resume)
     if manifest is None:  # not rank 0: rank 0 reports
         return
     _report(output, manifest, stats, as_json)
+
+
+def _echo_estimate(est: dict, as_json: bool, where: str, note: str, more: list[str]) -> None:
+    """What --dry-run prints (``est``: the engine's estimate)."""
+    if as_json:
+        click.echo(json.dumps(est, indent=1))
+        return
+    click.echo(f"teacher (dry run, nothing written): {est['tokens']:,} tokens = {est['sequences']:,} sequences x {est['seq_len']}, "
+               f"top-k {est['top_k']}, {where}")
+    click.echo(f"  cache: {format_size(est['cache_bytes'])} ({est['bytes_per_token']} B/token{note}) in {est['blocks']} block(s) "
+               f"of {est['block_sequences']} sequences")
+    for line in more:
+        click.echo(line)
 
 
 def _engine_args(pairs: tuple[str, ...]) -> dict:
