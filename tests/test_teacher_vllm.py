@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -26,22 +24,13 @@ from safetensors import safe_open
 
 from k2mini.cli import cli
 from k2mini.teacher.cache import MANIFEST, TeacherCache, bytes_per_token
+from fake_vllm import make_engine_python
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--samples", "5", "--seq-len", "24", "--block-sequences", "2", "--top-k", "8", "--quiet"]
 
 FAKE_VLLM = '''
-import json, os, sys
-mode = os.environ.get("FAKE_VLLM_MODE", "serve")
-if mode == "broken":
-    raise ImportError("operator torchvision::nms does not exist")
-__version__ = "0.0-fake"
 _calls = [0]
-
-
-class SamplingParams:
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
 
 
 class Logprob:
@@ -79,16 +68,7 @@ class LLM:
             dp = {k: v for k, v in os.environ.items() if k.startswith("VLLM_DP_")}
             with open(os.path.join(record, f"llm-{os.getpid()}.json"), "w") as f:
                 json.dump({"model": model, "kwargs": kw, "dp_env": dp, "pid": os.getpid()}, f)
-        if mode == "refuse":
-            try:
-                raise ValueError("CPUFp8BlockScaledMMKernel requires AMX tile support (Sapphire Rapids or newer).")
-            except ValueError as inner:
-                raise RuntimeError("Engine core initialization failed") from inner
-        if mode == "crash":
-            os._exit(9)
-        if mode == "hang":
-            import time
-            time.sleep(120)
+        fail_as_asked()
         from k2mini.checkpoint.reader import Checkpoint
         from k2mini.model.hf import load_checkpoint_model
         self.k = kw["max_logprobs"]
@@ -129,21 +109,9 @@ class LLM:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    """An executable standing in for a venv's python: this interpreter with the fake vllm
-    (and this checkout, for the reference model) on its path."""
-    root = tmp_path_factory.mktemp("fake-vllm")
-    (root / "site" / "vllm").mkdir(parents=True)
-    (root / "site" / "vllm" / "__init__.py").write_text(FAKE_VLLM)
-    (root / "site" / "vllm" / "inputs.py").write_text("def TokensPrompt(prompt_token_ids):\n    return {'prompt_token_ids': prompt_token_ids}\n")
-    py = root / "python"
-    # The worker runs as `PYTHON -I WORKER ...`; -I would drop PYTHONPATH, so the stand-in drops it.
-    py.write_text(textwrap.dedent(f"""\
-        #!/bin/sh
-        [ "$1" = "-I" ] && shift
-        OMP_NUM_THREADS=1 PYTHONPATH={root / 'site'}:{ROOT} exec {sys.executable} "$@"
-        """))
-    py.chmod(py.stat().st_mode | stat.S_IEXEC)
-    return py
+    """An executable standing in for a venv's python (tests/fake_vllm.py), with this
+    checkout on its path for the reference model."""
+    return make_engine_python(tmp_path_factory.mktemp("fake-vllm"), FAKE_VLLM, extra_path=ROOT)
 
 
 def teacher(*args: str, mode: str = "serve", record: Path | None = None):
