@@ -366,6 +366,7 @@ def child_ceiling(a: dict) -> dict:
 
 def vllm_section(python: Path, root: Path, threads: int, samples: int, seq_len: int, heal_steps: int,
                  ceiling_samples: int, ceiling_seq_len: int) -> dict:
+    """heal_steps 0: no heals; ceiling_samples 0: no ceiling."""
     """(g): the mla fixture's BF16 keep-all copy through both engines, the caches compared,
     the same cut healed from each, and the vLLM path's ceiling."""
     from k2mini.testing.fixtures import build_fixture
@@ -399,14 +400,15 @@ def vllm_section(python: Path, root: Path, threads: int, samples: int, seq_len: 
 
     res["agreement"] = {other: agreement(TeacherCache(ref), TeacherCache(root / f"teacher-{other}"))
                         for other in ("layerwise-bf16", "vllm")}
-    for name in runs:
+    for name in runs if heal_steps else ():
         out = root / f"healed-{name}"
         shutil.rmtree(out, ignore_errors=True)
         rep = k2mini_cli("heal", str(reduced), "--teacher", str(root / f"teacher-{name}"), "-o", str(out), "--method", "lora",
                          "--steps", str(heal_steps), "--batch-size", "4", "--seed", "0", "--quiet", "--json", threads=threads)
         rep["heldout_kl_vs_layerwise_fp32"] = heldout_kl(out, ref, 0.1, 0)
         res["heal"][name] = rep
-    res["ceiling"] = vllm_ceiling(python, src, root, ceiling_samples, ceiling_seq_len, threads)
+    if ceiling_samples:
+        res["ceiling"] = vllm_ceiling(python, src, root, ceiling_samples, ceiling_seq_len, threads)
     return res
 
 
@@ -424,11 +426,14 @@ def print_vllm(res: dict) -> None:
                    f"{a['shared_ids_per_position']:.1f} of {TOP_K} ids shared per position, their |d log p| mean {a['mean_abs_dlogp_shared']:.4f} "
                    f"max {a['max_abs_dlogp_shared']:.3f} nats; |d tail mass| mean {a['mean_abs_dtail']:.2e} max {a['max_abs_dtail']:.2e} "
                    f"(tail mass {a['mean_tail']:.3f})")
-    click.echo("  heal (lora, same cut, seed, steps and held-out sequences) from each cache; held-out KL on its own cache, "
-               "and on the layerwise-fp32 cache:")
+    if res["heal"]:
+        click.echo("  heal (lora, same cut, seed, steps and held-out sequences) from each cache; held-out KL on its own cache, "
+                   "and on the layerwise-fp32 cache:")
     for name, h in res["heal"].items():
         click.echo(f"    from {name}: own held-out KL {h['first_eval_kl']:.4f} -> {h['last_eval_kl']:.4f}; vs layerwise-fp32 "
                    f"{h['heldout_kl_vs_layerwise_fp32']:.5f}")
+    if "ceiling" not in res:
+        return
     c = res["ceiling"]
     click.echo(f"  vLLM output ceiling, k={TOP_K}, {c['flat']['positions']:,} positions on the same model:")
     for name, r in c.items():
@@ -743,8 +748,8 @@ CHILDREN = {"pass": child_pass, "rss": child_rss, "ceiling": child_ceiling}
 @click.option("--vllm-only", is_flag=True, help="Only (g) (plus the projection).")
 @click.option("--vllm-samples", default=32, show_default=True, help="(g): sequences through each engine.")
 @click.option("--vllm-seq-len", default=64, show_default=True)
-@click.option("--heal-steps", default=30, show_default=True, help="(g): lora steps of each heal.")
-@click.option("--ceiling-samples", default=64, show_default=True, help="(g) ceiling: sequences, in one block.")
+@click.option("--heal-steps", default=30, show_default=True, help="(g): lora steps of each heal (0: no heals).")
+@click.option("--ceiling-samples", default=64, show_default=True, help="(g) ceiling: sequences, in one block (0: no ceiling).")
 @click.option("--ceiling-seq-len", default=256, show_default=True)
 @click.option("--project-k2", "project_only", is_flag=True, help="Only the K2 projection (measured inputs taken from --out when present).")
 @click.option("--k2-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=REFERENCE, show_default=True)
@@ -879,7 +884,7 @@ def main(workdir, threads, reps, samples, seq_len, nano, rss_samples, rss_block,
             measured["storage_reads_2_ranks_over_1"] = two["bytes_from_storage_total"] / max(1, one["bytes_from_storage_total"])
         if "real_dims" in results:
             measured["teacher_over_forward_real_dims_cpu"] = results["real_dims"]["ratios"]["cpu"]["median_layers_equalised"]
-        if "vllm" in results:
+        if "ceiling" in results.get("vllm", {}):
             flat = results["vllm"]["ceiling"]["flat"]
             measured["vllm_output_positions_per_second"] = flat.get("output_path_positions_per_second") or flat["positions_per_second"]
         results["projection"] = projection(assumptions, measured)
