@@ -67,6 +67,7 @@ class RankStats:
     blocks_resumed: int = 0
     sequences: int = 0
     seconds: float = 0.0
+    # /proc/self/io: includes children reaped meanwhile (vllm: the engine process, its libraries and the model)
     bytes_requested: int = 0  # bytes this process read through read() calls (page cache hits included)
     bytes_from_storage: int = 0  # bytes the kernel fetched from the disk for it
     layer_seconds: list[float] = field(default_factory=list)  # layerwise: mean per block
