@@ -172,7 +172,7 @@ def train(model: torch.nn.Module, cache: TeacherCache, opts: HealOptions, *, wor
     Rank 0 saves a training checkpoint into ``work`` every ``save_every`` steps; when one
     is there, training continues from it.
     """
-    from k2mini.nano.train import LoadMeter, balance_step
+    from k2mini.model.balance import LoadMeter, balance_step
 
     opts = opts.resolved()
     world, rank = accelerator.num_processes, accelerator.process_index

@@ -71,9 +71,8 @@ def run_heal(reduced_arg: str, teacher_arg: str, out: Path, opts: HealOptions, *
         raise UsageError(f"--batch-size {opts.batch_size}: must be a multiple of the {world} ranks (each takes an equal slice)")
     cache.verify()  # a corrupt shard is found now, not hours into training
     planned = sum(reduced.info(n).nbytes for n in weight_names(reduced)) + (1 << 20)
-    od = open_on_main_rank(out, state=accelerator.state, source=reduced_arg, overwrite=overwrite, resume=resume,
-                           planned_bytes=planned)
-    try:
+    with open_on_main_rank(out, state=accelerator.state, source=reduced_arg, overwrite=overwrite, resume=resume,
+                           planned_bytes=planned) as od:
         cuda = accelerator.device.type == "cuda"
         # On CUDA the frozen weights stay BF16 (LoRA, router) and full training keeps FP32
         # master weights under BF16 autocast; on CPU everything is FP32.
@@ -108,6 +107,3 @@ def run_heal(reduced_arg: str, teacher_arg: str, out: Path, opts: HealOptions, *
         (od.partial / REPORT).write_text(json.dumps(report, indent=1))
         od.commit()
         return block, result
-    finally:
-        if od is not None:
-            od.__exit__(None, None, None)

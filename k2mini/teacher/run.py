@@ -225,10 +225,9 @@ def write_cache(plan: CachePlan, out: Path, compute_blocks: ComputeBlocks, *, st
                              "engine, device, dtype or parallel layout); rerun without --resume")
         opt_path.write_text(json.dumps(key, sort_keys=True))
 
-    od = open_on_main_rank(out, state=state, prepare=check_resume, source=source_arg, overwrite=overwrite, resume=resume,
-                           planned_bytes=planned)
     partial = partial_dir(out)
-    try:
+    with open_on_main_rank(out, state=state, prepare=check_resume, source=source_arg, overwrite=overwrite, resume=resume,
+                           planned_bytes=planned) as od:
         stats = RankStats(rank=rank)
         todo = []
         for b in blocks[rank::world]:
@@ -254,9 +253,6 @@ def write_cache(plan: CachePlan, out: Path, compute_blocks: ComputeBlocks, *, st
             od.commit()
         state.wait_for_everyone()
         return manifest, all_stats
-    finally:
-        if od is not None:
-            od.__exit__(None, None, None)
 
 
 def run_teacher(ck: Checkpoint, calib: CalibrationSet, tokenizer: TokenizerIdentity, out: Path, opts: TeacherOptions, *,
