@@ -80,8 +80,10 @@ OUTPUTS = (
     )),
 )
 SERVE = "grouped-kept"  # the output the OpenAI-compatible server is started on
-# vLLM's BF16 teacher against the layer-streamed float32 one on the mla fixture. Measured
-# (scripts/bench_teacher.py (g)): see the notes there; the limits leave room for bf16 near-ties.
+# vLLM's BF16 teacher against the layer-streamed float32 one on the mla fixture (16 x 64 tokens,
+# top-32). Measured: top-1 ids agree at 0.990 of positions, mean |d log p| 0.0023 nats, mean
+# |d tail| 6.8e-5; the layer-streamed engine's own bfloat16 run is as far from float32
+# (scripts/bench_teacher.py (g)). The limits leave room for bf16 near-ties.
 TEACHER_LIMITS = {"top1_agreement_min": 0.97, "mean_abs_dlogp_shared_max": 0.01, "mean_abs_dtail_max": 0.005}
 
 
