@@ -130,15 +130,19 @@ class _Engines:
         config = {"model": str(model), "top_k": opts.top_k, "flat": opts.flat_logprobs,
                   "engine_args": engine_args(opts, seq_len)}
         t0 = time.perf_counter()
-        for r in range(d):
-            rdir = workdir / f"rank{r}"
-            rdir.mkdir(parents=True)
-            env = {} if d == 1 else {"VLLM_DP_RANK": str(r), "VLLM_DP_RANK_LOCAL": str(r), "VLLM_DP_SIZE": str(d),
-                                     "VLLM_DP_MASTER_IP": "127.0.0.1", "VLLM_DP_MASTER_PORT": str(port)}
-            self.procs.append(EngineProcess(opts.python, "teacher", [], workdir=rdir, stream=True, env=env))
-        for p in self.procs:
-            p.send(config)
-        ready = [p.recv(opts.timeout) for p in self.procs]
+        try:
+            for r in range(d):
+                rdir = workdir / f"rank{r}"
+                rdir.mkdir(parents=True)
+                env = {} if d == 1 else {"VLLM_DP_RANK": str(r), "VLLM_DP_RANK_LOCAL": str(r), "VLLM_DP_SIZE": str(d),
+                                         "VLLM_DP_MASTER_IP": "127.0.0.1", "VLLM_DP_MASTER_PORT": str(port)}
+                self.procs.append(EngineProcess(opts.python, "teacher", [], workdir=rdir, stream=True, env=env))
+            for p in self.procs:
+                p.send(config)
+            ready = [p.recv(opts.timeout) for p in self.procs]
+        except BaseException:
+            self.close()  # the ranks already started, e.g. when another one refused
+            raise
         self.version = ready[0].get("version")
         self.load_seconds = time.perf_counter() - t0
 
