@@ -337,9 +337,9 @@ def heldout_kl(student_dir: Path, cache_dir: Path, eval_fraction: float, seed: i
 
 
 def vllm_ceiling(python: Path, src: Path, work: Path, samples: int, seq_len: int, threads: int) -> dict:
-    """Positions/s of vLLM's prompt-log-prob output with k = 64 on a model whose forward costs
-    little: with per-position dicts (vLLM's default) and with flat lists (what we request),
-    and with k = 1 (flat) as the baseline of the forward itself; the worker times
+    """Positions/s of the whole vLLM teacher path with k = 64 on the smallest model vLLM's CPU
+    build serves: with per-position dicts (vLLM's default) and with flat lists (what we
+    request), and with k = 1 (flat), where the output path costs nothing; the worker times
     llm.generate (forward + vLLM's per-position Python) and our conversion into arrays."""
     res = {}
     for name, k, flat in (("dicts", TOP_K, False), ("flat", TOP_K, True), ("k1", 1, True)):
@@ -348,9 +348,52 @@ def vllm_ceiling(python: Path, src: Path, work: Path, samples: int, seq_len: int
         res[name] = spawn("ceiling", {"python": str(python), "src": str(src), "out": str(out), "samples": samples,
                                       "seq_len": seq_len, "flat": flat, "top_k": k}, threads)
         shutil.rmtree(out, ignore_errors=True)
-    for name in ("dicts", "flat"):  # the output path alone: what k = 64 costs beyond k = 1
-        extra = res[name]["generate_seconds"] + res[name]["convert_seconds"] - res["k1"]["generate_seconds"] - res["k1"]["convert_seconds"]
-        res[name]["output_path_positions_per_second"] = res[name]["positions"] / extra if extra > 0 else None
+    return res
+
+
+# Run in the engine's python: vLLM's own per-position processing of prompt log-probs (its
+# LogprobsProcessor, as the engine hands them over: [n, k + 1] ids and log-probs, n ranks),
+# then ours (engine/vllm_worker.py's reading of them), with per-position dicts and flat lists.
+OUTPUT_PATH_SCRIPT = """
+import importlib.util, json, sys, time
+import numpy as np, torch
+from vllm.logprobs import create_prompt_logprobs
+from vllm.v1.engine.logprobs import LogprobsProcessor
+spec = importlib.util.spec_from_file_location("worker", sys.argv[1])
+worker = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(worker)
+n, k = int(sys.argv[2]), int(sys.argv[3])
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(0, 163840 - k, (n, 1), generator=g, dtype=torch.int32) + torch.arange(k + 1, dtype=torch.int32)
+lps = -torch.rand(n, k + 1, generator=g) * 10
+ranks = torch.randint(k + 1, 1000, (n,), generator=g, dtype=torch.int32)  # the own token outside the top-k
+out = {}
+for flat in (False, True):
+    p = LogprobsProcessor(tokenizer=None, logprobs=None, prompt_logprobs=create_prompt_logprobs(flat), cumulative_logprob=None,
+                          num_logprobs=None, num_prompt_logprobs=k)
+    t0 = time.perf_counter()
+    p._update_prompt_logprobs((ids, lps, ranks))
+    t1 = time.perf_counter()
+    a, b = worker._topk_rows(p.prompt_logprobs, 1, n + 1, k, np, ids[:, 0].numpy())
+    t2 = time.perf_counter()
+    assert (a == ids[:, 1:].numpy()).all() and (b == lps[:, 1:].numpy()).all()
+    out["flat" if flat else "dicts"] = {"positions": n, "vllm_seconds": t1 - t0, "ours_seconds": t2 - t1}
+print(json.dumps(out))
+"""
+
+
+def vllm_output_path(python: Path, positions: int) -> dict:
+    """Positions/s of the prompt-log-prob output path alone (no model), k = 64."""
+    worker = ROOT / "k2mini" / "engine" / "vllm_worker.py"
+    l0 = load()
+    p = subprocess.run([str(python), "-c", OUTPUT_PATH_SCRIPT, str(worker), str(positions), str(TOP_K)], capture_output=True,
+                       text=True, env=thread_env(1))
+    if p.returncode != 0:
+        raise click.ClickException(f"output path measurement failed:\n{p.stderr[-3000:]}")
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    for r in res.values():
+        r["positions_per_second"] = r["positions"] / (r["vllm_seconds"] + r["ours_seconds"])
+        r.update(load_before=l0, load_after=load())
     return res
 
 
@@ -420,6 +463,7 @@ def vllm_section(python: Path, root: Path, threads: int, samples: int, seq_len: 
         res["heal"][name] = rep
     if ceiling_samples:
         res["ceiling"] = vllm_ceiling(python, src, root, ceiling_samples, ceiling_seq_len, threads)
+        res["output_path"] = vllm_output_path(python, 20000)
     return res
 
 
@@ -448,14 +492,17 @@ def print_vllm(res: dict) -> None:
     c = res["ceiling"]
     click.echo(f"  vLLM output ceiling, k={TOP_K}, {c['flat']['positions']:,} positions on the same model:")
     for name, r in c.items():
-        alone = r.get("output_path_positions_per_second")
         click.echo(f"    {name} (k={r['top_k']}): {r['positions_per_second']:,.0f} positions/s end to end (generate {r['generate_seconds']:.2f} s "
-                   f"incl. the forward and vLLM's per-position Python, our conversion {r['convert_seconds']:.3f} s)"
-                   + (f"; the k={TOP_K} output path alone (beyond k=1): {alone:,.0f} positions/s" if alone else "")
-                   + f" (load {r['load_before']} .. {r['load_after']})")
-    click.echo(f"    flat / dicts end to end: {c['flat']['positions_per_second'] / c['dicts']['positions_per_second']:.2f}x"
-               + (f"; output path alone: {c['flat']['output_path_positions_per_second'] / c['dicts']['output_path_positions_per_second']:.2f}x"
-                  if c['flat'].get('output_path_positions_per_second') and c['dicts'].get('output_path_positions_per_second') else ""))
+                   f"incl. the forward and vLLM's per-position Python, our conversion {r['convert_seconds']:.3f} s; "
+                   f"load {r['load_before']} .. {r['load_after']})")
+    click.echo(f"    flat / dicts end to end: {c['flat']['positions_per_second'] / c['dicts']['positions_per_second']:.2f}x")
+    o = res["output_path"]
+    click.echo(f"  the output path alone (vLLM's LogprobsProcessor on {o['flat']['positions']:,} positions of k+1 = {TOP_K + 1} "
+               "entries, then our reading of them; no model):")
+    for name, r in o.items():
+        click.echo(f"    {name}: {r['positions_per_second']:,.0f} positions/s (vLLM {r['vllm_seconds']:.3f} s, ours {r['ours_seconds']:.3f} s; "
+                   f"load {r['load_before']} .. {r['load_after']})")
+    click.echo(f"    flat / dicts: {o['flat']['positions_per_second'] / o['dicts']['positions_per_second']:.1f}x")
 
 
 # -- K2 projection ----------------------------------------------------------------------
@@ -895,9 +942,8 @@ def main(workdir, threads, reps, samples, seq_len, nano, rss_samples, rss_block,
             measured["storage_reads_2_ranks_over_1"] = two["bytes_from_storage_total"] / max(1, one["bytes_from_storage_total"])
         if "real_dims" in results:
             measured["teacher_over_forward_real_dims_cpu"] = results["real_dims"]["ratios"]["cpu"]["median_layers_equalised"]
-        if "ceiling" in results.get("vllm", {}):
-            flat = results["vllm"]["ceiling"]["flat"]
-            measured["vllm_output_positions_per_second"] = flat.get("output_path_positions_per_second") or flat["positions_per_second"]
+        if "output_path" in results.get("vllm", {}):
+            measured["vllm_output_positions_per_second"] = results["vllm"]["output_path"]["flat"]["positions_per_second"]
         results["projection"] = projection(assumptions, measured)
         print_projection(results["projection"])
         results["vllm_projection"] = {"assumptions": assumptions, **vllm_projection(assumptions, measured)}

@@ -142,14 +142,15 @@ class _Requests:
         return self.queue.get()
 
 
-def _topk_rows(container, p0, p1, k, np):
+def _topk_rows(container, p0, p1, k, np, own):
     """Top-k ids and log-probs of positions [p0, p1) of one request's log-probs, best first.
 
     ``flat_logprobs=True`` (vLLM's FlatLogprobs): every position holds k + 1 entries, the
     prompt's own (or sampled) token first, then ranks 1..k (vllm/logprobs.py,
     append_logprobs_for_next_position), so the block is one reshape of three flat lists.
-    Otherwise one dict {token id: Logprob} per position, where the own token is merged into
-    the top-k when it is one of them: select ranks 1..k."""
+    Otherwise one dict {token id: Logprob} per position: the own token (``own[i]``) merged
+    into the top-k when it is one of them, else an extra entry, dropped here (by id: with
+    ties at the k-th place its rank can equal a top-k entry's)."""
     if hasattr(container, "start_indices"):
         s, e = container.start_indices[p0], container.end_indices[p1 - 1]
         if e - s != (p1 - p0) * (k + 1):
@@ -160,7 +161,8 @@ def _topk_rows(container, p0, p1, k, np):
     ids = np.empty((p1 - p0, k), np.int32)
     lps = np.empty((p1 - p0, k), np.float32)
     for row, pos in enumerate(range(p0, p1)):
-        top = sorted((lp.rank, tid, lp.logprob) for tid, lp in container[pos].items() if lp.rank is not None and 1 <= lp.rank <= k)
+        entries = container[pos]
+        top = sorted((lp.rank, tid, lp.logprob) for tid, lp in entries.items() if len(entries) == k or tid != own[row])
         if [r for r, _, _ in top] != list(range(1, k + 1)):
             raise RuntimeError(f"log-probs at position {pos}: ranks {[r for r, _, _ in top]}, expected 1..{k}")
         ids[row] = [t for _, t, _ in top]
@@ -168,15 +170,15 @@ def _topk_rows(container, p0, p1, k, np):
     return ids, lps
 
 
-def dense_block(outs, seq_len, k, np):
-    """[n, L, k] int32 ids and float32 log-probs from vLLM's request outputs."""
-    n = len(outs)
+def dense_block(tokens, outs, k, np):
+    """[n, L, k] int32 ids and float32 log-probs from vLLM's request outputs for ``tokens`` [n, L]."""
+    n, seq_len = tokens.shape
     ids = np.empty((n, seq_len, k), np.int32)
     lps = np.empty((n, seq_len, k), np.float32)
     for r, out in enumerate(outs):
         if seq_len > 1:
-            ids[r, : seq_len - 1], lps[r, : seq_len - 1] = _topk_rows(out.prompt_logprobs, 1, seq_len, k, np)
-        ids[r, seq_len - 1 :], lps[r, seq_len - 1 :] = _topk_rows(out.outputs[0].logprobs, 0, 1, k, np)
+            ids[r, : seq_len - 1], lps[r, : seq_len - 1] = _topk_rows(out.prompt_logprobs, 1, seq_len, k, np, tokens[r, 1:])
+        ids[r, seq_len - 1 :], lps[r, seq_len - 1 :] = _topk_rows(out.outputs[0].logprobs, 0, 1, k, np, out.outputs[0].token_ids)
     return ids, lps
 
 
@@ -218,7 +220,7 @@ def teacher(out, requests):
         try:
             outs = llm.generate([TokensPrompt(prompt_token_ids=row.tolist()) for row in tokens], params, use_tqdm=False)
             t2 = time.perf_counter()
-            ids, lps = dense_block(outs, seq_len, k, np)
+            ids, lps = dense_block(tokens, outs, k, np)
         except Exception as exc:
             return send(_failure("refused", exc, version))
         send({"block": msg["block"], "sequences": n, "seq_len": seq_len, "top_k": k, "generate_seconds": round(t2 - t1, 6),
