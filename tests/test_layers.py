@@ -32,7 +32,7 @@ LAYERS = [
     "k2mini.model",
     "k2mini.output",
     "k2mini.checkpoint",
-    "k2mini.sizes | k2mini.versioned_file | k2mini.resources | k2mini.textdata",
+    "k2mini.sizes | k2mini.versioned_file | k2mini.resources | k2mini.textdata | k2mini.engine",
     "k2mini.errors",
 ]
 ROOT = "k2mini"  # the package itself (__version__) is below every layer
