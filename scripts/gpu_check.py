@@ -7,7 +7,7 @@ Builds a K2-format fixture (or takes --source), then runs, through the k2mini co
   analyze           layer-streamed calibration run, output-error orders on
   convert-fp8       convert --analysis --dtype fp8 (FP8 bytes copied)
   convert-bf16      convert --analysis --dtype bf16
-  teacher           the unpruned source, layer-streamed, top-k cache
+  teacher           the unpruned source, layer-streamed (--engine layerwise), top-k cache
   heal              heal --method lora for a few steps (gradient checkpointing on CUDA)
   quantize          quantize the healed model --bits 4 (compressed-tensors)
   validate          validate the INT4 model --reference SOURCE (KL, top-1)
@@ -230,8 +230,8 @@ def build_steps(size: Size, device: str, work: Path, source: Path) -> list[Step]
                                           "--no-progress"], _convert_figures),
         Step("convert-bf16", ("analyze",), ["convert", "-s", src, *prune, "--dtype", "bf16", "-o", f"{w}/bf16", "--json",
                                            "--no-progress"], _convert_figures),
-        Step("teacher", ("fixture",), ["teacher", "-s", src, "-o", f"{w}/teacher", *size.teacher, "--device", device,
-                                      "--json", "--quiet"], _teacher_figures),
+        Step("teacher", ("fixture",), ["teacher", "-s", src, "-o", f"{w}/teacher", *size.teacher, "--engine", "layerwise",
+                                      "--device", device, "--json", "--quiet"], _teacher_figures),
         Step("heal", ("convert-bf16", "teacher"),
              ["heal", f"{w}/bf16", "--teacher", f"{w}/teacher", "-o", f"{w}/healed", "--method", "lora", *size.heal,
               "--gradient-checkpointing" if on_cuda else "--no-gradient-checkpointing", "--device", device, "--json",
