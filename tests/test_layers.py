@@ -23,6 +23,7 @@ LAYERS = [
     "k2mini.testing.faults",
     "k2mini.cli",
     "k2mini.commands",
+    "k2mini.planner",
     "k2mini.heal | k2mini.validate | k2mini.nano | k2mini.inspection",
     "k2mini.teacher | k2mini.quantize | k2mini.offload",
     "k2mini.convert",

@@ -55,8 +55,14 @@ def plan_cmd(source, gpu, budget, context, batch, dtypes, analysis, teacher, mea
     from k2mini.planner.plot import plot, table
     from k2mini.planner.run import PlanOptions, make_plan
 
+    from k2mini.checkpoint.source import refuse_output_inside
+
     if output is not None and output.exists() and output.is_dir():
         raise UsageError(f"-o {output}: is a directory (give the plan file's path, e.g. plan.json)")
+    png = png or (output.with_name("frontier.png") if output is not None else None)
+    for path, flag in ((output, "--output"), (png, "--png")):
+        if path is not None:
+            refuse_output_inside(source, path, flag=flag)  # before any work: never write into the source
     opts = PlanOptions(source=source, gpu=gpu, budget=parse_size(budget, flag="--budget") if budget is not None else None,
                        context=context, batch=batch, dtypes=tuple(d for d in dtypes.replace(" ", "").split(",") if d),
                        analysis=analysis, teacher=teacher, measure=measure_n, eval_fraction=eval_fraction, seed=seed,
@@ -71,7 +77,6 @@ def plan_cmd(source, gpu, budget, context, batch, dtypes, analysis, teacher, mea
         tmp.replace(output)
         report.plan_file = str(output)
         report.convert_command = report.convert_command.replace("PLAN.json", str(output))
-    png = png or (output.with_name("frontier.png") if output is not None else None)
     if png is not None:
         plot(report, png)
     if as_json:
