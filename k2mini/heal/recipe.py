@@ -36,6 +36,11 @@ LOG_FILE = "heal_log.jsonl"
 # removed 10-14% of the KL, LoRA at 3e-3 and full at 3e-4 each 62-70% (analysis/study_heal.py
 # --cuts e2 --seeds 1 --steps 40). Larger models usually want smaller rates: --lr overrides.
 DEFAULT_LR = {"router": 1e-2, "lora": 3e-3, "full": 3e-4}
+DEFAULT_EVAL_FRACTION = 0.1
+# Without --steps/--epochs heal passes DEFAULT_EPOCHS times over the cache's training share,
+# at most MAX_DEFAULT_STEPS steps (analysis/results/heal_defaults_sweep.md).
+DEFAULT_EPOCHS = 2.0
+MAX_DEFAULT_STEPS = 20_000
 # Logits of more positions than this (x vocabulary x 4 bytes) are computed in chunks whose
 # activations are recomputed in backward: K2's 163,840-token vocabulary makes a batch of
 # 4096 positions 2.7 GB of float32 logits, before their gradient.
@@ -71,6 +76,11 @@ class HealOptions:
                               "warmup_steps": self.warmup_steps if self.warmup_steps is not None else min(50, self.steps // 10)})
 
 
+def default_steps(train_sequences: int, batch_size: int, epochs: float = DEFAULT_EPOCHS) -> int:
+    """Steps for ``epochs`` passes over ``train_sequences`` (at least one step, at most MAX_DEFAULT_STEPS)."""
+    return max(1, min(MAX_DEFAULT_STEPS, round(epochs * train_sequences / batch_size)))
+
+
 def split(n_sequences: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """(train, eval) sequence indices: a seeded, disjoint split; eval is sorted (shard-local reads)."""
     perm = torch.randperm(n_sequences, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -91,12 +101,11 @@ def batch_indices(train: list[int], step: int, batch_size: int, seed: int) -> li
     return out
 
 
-def lr_factor(step: int, opts: HealOptions) -> float:
-    """Linear warm-up, then cosine decay to 10% of the learning rate at the last step."""
-    if step < opts.warmup_steps:
-        return (step + 1) / (opts.warmup_steps + 1)
-    t = (step - opts.warmup_steps) / max(1, opts.steps - opts.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+def schedule(optimizer, opts: HealOptions):
+    """transformers' linear warm-up then cosine decay to 10% of the peak at the last step."""
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, opts.warmup_steps, opts.steps, min_lr_rate=0.1)
 
 
 class Student(torch.nn.Module):
@@ -183,6 +192,7 @@ def train(model: torch.nn.Module, cache: TeacherCache, opts: HealOptions, *, wor
     train_idx, eval_idx = split(cache.sequences, opts.eval_fraction, opts.seed)
     params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=opts.learning_rate, weight_decay=0.0)
+    scheduler = schedule(optimizer, opts)
     student = Student(trained, compute_dtype)
     state_path = work / TRAIN_STATE
     result = HealResult(train_sequences=len(train_idx), eval_sequences=len(eval_idx), ranks=world)
@@ -191,6 +201,7 @@ def train(model: torch.nn.Module, cache: TeacherCache, opts: HealOptions, *, wor
         saved = torch.load(state_path, weights_only=False, map_location="cpu")
         methods.load_trainable_state(trained, saved["state"])
         optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
         result.log = [StepLog(**x) for x in saved["log"]]
         start = result.resumed_from_step = saved["step"]
     student, optimizer = accelerator.prepare(student, optimizer)
@@ -211,8 +222,7 @@ def train(model: torch.nn.Module, cache: TeacherCache, opts: HealOptions, *, wor
     tokens_this_run = 0
     try:
         for step in range(start, opts.steps):
-            for g in optimizer.param_groups:
-                g["lr"] = opts.learning_rate * lr_factor(step, opts)
+            lr = optimizer.param_groups[0]["lr"]
             mine = batch_indices(train_idx, step, opts.batch_size, opts.seed)[rank * per_rank : (rank + 1) * per_rank]
             ids, tk, lp, tgt = _to(cache.read(mine), accelerator.device)
             student.train()
@@ -223,6 +233,7 @@ def train(model: torch.nn.Module, cache: TeacherCache, opts: HealOptions, *, wor
             if opts.max_grad_norm:
                 accelerator.clip_grad_norm_(params, opts.max_grad_norm)
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if meter is not None:
                 loads = accelerator.reduce(meter.reset().to(accelerator.device), reduction="sum").cpu()
@@ -231,7 +242,7 @@ def train(model: torch.nn.Module, cache: TeacherCache, opts: HealOptions, *, wor
             tokens_this_run += n * world
             entry = StepLog(step=step + 1, loss=float((sums[0] + opts.ce_weight * sums[1]) / (n * world)),
                             kl=float(sums[0] / (n * world)), ce=float(sums[1] / (opts.batch_size * (seq_len - 1))),
-                            lr=optimizer.param_groups[0]["lr"], tokens=(step + 1) * opts.batch_size * seq_len,
+                            lr=lr, tokens=(step + 1) * opts.batch_size * seq_len,
                             seconds=round(time.perf_counter() - t0, 3))
             last = step + 1 == opts.steps
             if eval_idx and ((step + 1) % opts.eval_every == 0 or last):
@@ -245,7 +256,7 @@ def train(model: torch.nn.Module, cache: TeacherCache, opts: HealOptions, *, wor
                 bar.update(1)
                 bar.set_postfix(kl=f"{entry.kl:.4f}", **({"eval_kl": f"{entry.eval_kl:.4f}"} if entry.eval_kl is not None else {}))
             if not last and (step + 1) % opts.save_every == 0:
-                _save(state_path, trained, optimizer, step + 1, result.log, accelerator)
+                _save(state_path, trained, optimizer, scheduler, step + 1, result.log, accelerator)
     finally:
         if bar is not None:
             bar.close()
@@ -276,13 +287,13 @@ def evaluate(student, cache: TeacherCache, eval_idx: list[int], per_rank: int, a
     return float(total[0] / max(total[1], 1))
 
 
-def _save(path: Path, trained, optimizer, step: int, log: list[StepLog], accelerator) -> None:
+def _save(path: Path, trained, optimizer, scheduler, step: int, log: list[StepLog], accelerator) -> None:
     """A training checkpoint (rank 0; every rank's replica is the same), written atomically."""
     state = methods.trainable_state(accelerator.unwrap_model(trained))
     opt_state = optimizer.state_dict()
     if accelerator.is_main_process:
         tmp = path.with_suffix(".tmp")
-        torch.save({"step": step, "state": state, "optimizer": opt_state, "log": [asdict(x) for x in log]}, tmp)
+        torch.save({"step": step, "state": state, "optimizer": opt_state, "scheduler": scheduler.state_dict(), "log": [asdict(x) for x in log]}, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
