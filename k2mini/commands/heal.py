@@ -23,9 +23,13 @@ def _gib(n: float) -> str:
                    "attention, dense MLP, shared and routed experts, merged before writing; full = every weight. lora is the "
                    "default: in the nano study (analysis/results/study_heal.md) it removed 60-76% of the KL at every cut, more "
                    "than full in the same steps (router: 0-29%), and at K2's 24 x 16 it fits one 80 GB GPU, full does not.")
-@click.option("--steps", type=int, default=None, help="Optimizer steps [default: 100].")
-@click.option("--epochs", type=float, default=None, help="Instead of --steps: passes over the training share of the cache.")
-@click.option("--lr", type=float, default=None, help="Peak learning rate [default: router 1e-2, lora 3e-3, full 3e-4, from the nano study]; warm-up, then cosine to 10%.")
+@click.option("--steps", type=int, default=None, help="Optimizer steps [default: from the cache, see --epochs].")
+@click.option("--epochs", type=float, default=None,
+              help="Instead of --steps: passes over the training share of the cache [default: 2, at most 20,000 steps: the "
+                   "amount that removed at least half of the held-out KL at every cut of five nano K2s in "
+                   "analysis/results/heal_defaults_sweep.md].")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [default: router 1e-2, lora 3e-3, full 3e-4, from the nano study "
+              "and sweep]; transformers' linear warm-up, then cosine to 10%.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per step over all ranks (a multiple of the ranks).")
 @click.option("--lora-rank", type=int, default=None, help="LoRA rank (--method lora only) [default: 16].")
 @click.option("--ce-weight", type=float, default=0.0, show_default=True, help="Add this x cross-entropy on the corpus tokens to the KL.")
@@ -33,6 +37,17 @@ def _gib(n: float) -> str:
 @click.option("--eval-every", type=int, default=None, help="Steps between held-out evaluations [default: a tenth of the run].")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", "checkpointing", default=None,
               help="Recompute each decoder layer in backward instead of keeping its activations [default: on with CUDA, off on CPU].")
+@click.option("--fsdp/--no-fsdp", "fsdp", default=None,
+              help="Shard weights, gradients and optimizer state over the ranks with FSDP2 (each rank holds 1/N), instead of a "
+                   "full replica per rank (DDP) [default: FSDP2 for --method full on several ranks, and for lora/router on "
+                   "several GPUs when a replica does not fit one (heal --dry-run says which); DDP otherwise: for lora and router "
+                   "it exchanges only the small trained tensors per step, where FSDP2 all-gathers the whole frozen model twice "
+                   "(scripts/bench_heal.py measures both)]. --fsdp on one process runs too.")
+@click.option("--mixed-precision/--no-mixed-precision", "mixed_precision", default=None,
+              help="BF16 compute over FP32 trained weights, gradients reduced in FP32 (accelerate's under DDP, FSDP2's policy "
+                   "when sharded) [default: on with CUDA, off on CPU].")
+@click.option("--cpu-offload", is_flag=True, help="With --fsdp on GPUs: keep the sharded weights, gradients and optimizer state in "
+              "host memory, a layer at a time on the GPU (slower; for cuts that do not fit even sharded).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Data order, held-out split and LoRA initialisation.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present; under torchrun each rank's local GPU), cpu, cuda, cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output (only once the new one is complete).")
@@ -45,7 +60,7 @@ def _gib(n: float) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def heal_cmd(reduced, teacher, output, method, steps, epochs, lr, batch_size, lora_rank, ce_weight, eval_fraction, eval_every,
-             checkpointing, seed, device, overwrite, resume, dry_run, gpus, gpu_profile, seq_len, as_json, quiet) -> None:
+             checkpointing, fsdp, mixed_precision, cpu_offload, seed, device, overwrite, resume, dry_run, gpus, gpu_profile, seq_len, as_json, quiet) -> None:
     """Distil REDUCED (a k2mini BF16 output) from the cached predictions of the unpruned
     source (`k2mini teacher`): forward KL(teacher || student) over the teacher's top-k ids
     plus a tail bucket, optionally plus cross-entropy. The output is a complete checkpoint
@@ -55,8 +70,12 @@ def heal_cmd(reduced, teacher, output, method, steps, epochs, lr, batch_size, lo
     An fp8 or int4 REDUCED is refused: convert the same plan with --dtype bf16, heal it,
     and quantize the result.
 
-    Data-parallel: launch with torchrun or accelerate launch (DDP); N ranks with the same
-    --batch-size train the same weights as one.
+    Data-parallel: launch with torchrun or accelerate launch, DDP or FSDP2 (--fsdp); N ranks
+    with the same --batch-size train the same weights as one. The training checkpoint
+    (torch.distributed.checkpoint) resumes on any number of ranks.
+
+    Amount of training: without --steps or --epochs, 2 passes over the cache's training
+    share (its sequences less the --eval-fraction held out), at most 20,000 steps.
 
     \b
     Examples:
@@ -64,6 +83,7 @@ def heal_cmd(reduced, teacher, output, method, steps, epochs, lr, batch_size, lo
       k2mini heal ./tiny-3x4 -t ./tiny.teacher -o ./tiny-healed --method router --steps 50
       k2mini heal ./k2-24x16 -t ./k2.teacher -o ./healed --method lora --lora-rank 32 --epochs 1 --ce-weight 0.1
       torchrun --nproc_per_node 8 $(which k2mini) heal ./k2-24x16 -t ./k2.teacher -o ./healed --batch-size 64
+      torchrun --nproc_per_node 8 $(which k2mini) heal ./k2-61x32 -t ./k2.teacher -o ./healed --fsdp --batch-size 64
       k2mini heal ./k2-24x16 --dry-run --gpus 8 --gpu h100
       k2mini heal ./k2-24x16 -t ./k2.teacher -o ./healed --resume
     """
@@ -89,6 +109,8 @@ def heal_cmd(reduced, teacher, output, method, steps, epochs, lr, batch_size, lo
         raise UsageError(f"--ce-weight {ce_weight}: must be >= 0")
     if eval_every is not None and eval_every < 1:
         raise UsageError(f"--eval-every {eval_every}: must be >= 1")
+    if cpu_offload and fsdp is not True:
+        raise UsageError("--cpu-offload: offloads FSDP2's shards; give --fsdp too")
     if resume and overwrite:
         raise UsageError("--resume and --overwrite: give one of them")
     if reduced is None:
@@ -106,22 +128,24 @@ def heal_cmd(reduced, teacher, output, method, steps, epochs, lr, batch_size, lo
     from k2mini.teacher.cache import TeacherCache
 
     dev = resolve_device(device)
-    n_steps = steps or 100
-    if epochs is not None:
-        from k2mini.heal.recipe import split
+    if cpu_offload and dev.type != "cuda":
+        raise UsageError("--cpu-offload: is for GPUs (on CPU the weights are in host memory already)")
+    n_steps = steps
+    if n_steps is None:
+        from k2mini.heal.recipe import DEFAULT_EPOCHS, default_steps, split
 
-        cache = TeacherCache(teacher)
-        train_n = len(split(cache.sequences, eval_fraction, seed)[0])
-        n_steps = max(1, round(epochs * train_n / batch_size))
+        train_n = len(split(TeacherCache(teacher).sequences, eval_fraction, seed)[0])
+        n_steps = default_steps(train_n, batch_size, epochs if epochs is not None else DEFAULT_EPOCHS)
     opts = HealOptions(method=method, steps=n_steps, lr=lr, batch_size=batch_size, lora_rank=lora_rank or 16,
                        ce_weight=ce_weight, eval_fraction=eval_fraction, eval_every=eval_every, seed=seed,
                        gradient_checkpointing=checkpointing if checkpointing is not None else dev.type == "cuda",
-                       progress=not quiet and not as_json)
+                       fsdp=fsdp, mixed_precision=mixed_precision if mixed_precision is not None else dev.type == "cuda",
+                       cpu_offload=cpu_offload, progress=not quiet and not as_json)
     block, result = run_heal(reduced, teacher, output, opts, device=dev.type if dev.type == "cpu" else str(dev),
                              overwrite=overwrite, resume=resume)
     if block is None:  # not rank 0
         return
-    summary = {"output": str(output), **block, "ranks": result.ranks, "seconds": round(result.seconds, 3),
+    summary = {"output": str(output), **block, "ranks": result.ranks, "parallel": result.parallel, "seconds": round(result.seconds, 3),
                "tokens_per_second": round(result.tokens_per_second, 1), "peak_gpu_bytes": result.peak_gpu_bytes,
                "resumed_from_step": result.resumed_from_step}
     if as_json:
@@ -130,7 +154,7 @@ def heal_cmd(reduced, teacher, output, method, steps, epochs, lr, batch_size, lo
     click.echo(f"wrote {output}: {block['method']} healing, {block['steps']} steps, {block['tokens_seen']:,} teacher tokens seen")
     click.echo(f"  train KL {block['first_loss']:.4f} -> {block['last_loss']:.4f}"
                + (f"; held-out KL {block['first_eval_kl']:.4f} -> {block['last_eval_kl']:.4f}" if block["first_eval_kl"] is not None else ""))
-    click.echo(f"  {result.ranks} rank(s), {result.seconds:.1f} s, {result.tokens_per_second:,.0f} tokens/s"
+    click.echo(f"  {result.ranks} rank(s) ({result.parallel}), {result.seconds:.1f} s, {result.tokens_per_second:,.0f} tokens/s"
                + (f", peak GPU memory {_gib(result.peak_gpu_bytes)}" if result.peak_gpu_bytes else "")
                + (f" (resumed at step {result.resumed_from_step})" if result.resumed_from_step else ""))
     click.echo(f"  next: k2mini validate {output} --reference SOURCE")
@@ -163,14 +187,15 @@ def _dry_run(reduced, teacher, method, batch_size, lora_rank, gpus, gpu_profile,
     click.echo(f"heal (dry run): {reduced}, {p['params'] / 1e9:.2f}B parameters, {gpus} x {profile.name} "
                f"({_gib(usable)} usable each), {batch_size // gpus} sequence(s) of {seq_len} tokens per GPU, gradient checkpointing "
                f"{'on' if checkpointing else 'off'}")
+    click.echo(f"  per GPU: params | grads | AdamW state | activations = total (host memory per rank with offload); "
+               f"FSDP2 shards every decoder layer, then the root, and gathers the root plus two layers at a time")
     for name, m in p["methods"].items():
-        mark = "<- --method" if name == method else ""
-        click.echo(f"  {name:6s} {m['parallel']:5s} trainable {m['trainable_params'] / 1e6:9.2f}M  weights {_gib(m['weights']):>10s}  "
-                   f"grads+AdamW {_gib(m['trainable_state']):>10s}  activations {_gib(m['activations']):>10s}  "
-                   f"total {_gib(m['total']):>10s}  {'fits' if m['fits'] else 'does NOT fit'} {mark}")
-    if gpus > 1:
-        click.echo("  note: full on several GPUs needs FSDP2 (sharded as above); heal runs DDP today: accelerate enables FSDP "
-                   "on GPUs only and none was available to test it, so it is not wired yet")
+        click.echo(f"  {name}: trainable {m['trainable_params'] / 1e6:,.2f}M, default layout {m['default']}"
+                   + ("  <- --method" if name == method else ""))
+        for layout, x in m["layouts"].items():
+            host = f"  host {_gib(x['host'])}/rank" if x["host"] else ""
+            click.echo(f"    {layout:14s} {_gib(x['params']):>10s} | {_gib(x['grads']):>10s} | {_gib(x['optimizer']):>10s} | "
+                       f"{_gib(x['activations']):>9s} = {_gib(x['total']):>10s}  {'fits' if x['fits'] else 'does NOT fit'}{host}")
 
 
 def _config_alone(reduced: str) -> dict:

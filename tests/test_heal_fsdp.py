@@ -1,0 +1,116 @@
+"""heal under FSDP2 on CPU with gloo: 2 sharded ranks train the weights 1 rank trains (full
+and LoRA), each rank holds about half the parameter and optimizer bytes, a run killed with
+SIGKILL resumes from its sharded checkpoint to the uninterrupted weights, and a checkpoint
+saved on 2 ranks resumes on 1 (and the reverse)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_heal import _float32_copy, _torchrun, invoke, weights
+
+from k2mini.heal.state import POINTER
+from k2mini.output import partial_dir
+
+pytestmark = pytest.mark.slow
+STEPS = ["--steps", "4", "--batch-size", "4", "--eval-every", "2", "--quiet", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def f32_pair(tiny_fixture, tmp_path_factory):
+    """(reduced 3 layers x 4 experts stored as float32, teacher cache of the source)."""
+    d = tmp_path_factory.mktemp("heal-fsdp")
+    src = tiny_fixture.path
+    reduced, teacher = d / "reduced", d / "teacher"
+    assert invoke("convert-fast", "-s", str(src), "--layers", "3", "--experts", "4", "-o", str(reduced)).exit_code == 0
+    res = invoke("teacher", "-s", str(src), "-o", str(teacher), "--samples", "12", "--seq-len", "16", "--top-k", "16",
+                 "--block-sequences", "5", "--quiet")
+    assert res.exit_code == 0, res.output
+    return _float32_copy(reduced, d / "reduced-f32"), teacher
+
+
+def _relative(a: dict, b: dict) -> float:
+    num = sum(float((a[k].double() - b[k].double()).norm() ** 2) for k in a) ** 0.5
+    return num / sum(float(a[k].double().norm() ** 2) for k in a) ** 0.5
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_two_fsdp_ranks_train_the_weights_one_rank_trains_with_half_the_bytes_each(f32_pair, tmp_path, method):
+    reduced, teacher = f32_pair
+    args = ["heal", str(reduced), "-t", str(teacher), "--method", method, "--json", *STEPS]
+    one = invoke(*args, "-o", str(tmp_path / "r1"), "--no-fsdp")
+    assert one.exit_code == 0, one.output
+    p = _torchrun(2, [*args, "-o", str(tmp_path / "r2"), "--fsdp"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout)["parallel"] == "FSDP2" and json.loads(one.stdout)["parallel"] == "single"
+    w1, w2, w0 = weights(tmp_path / "r1"), weights(tmp_path / "r2"), weights(reduced)
+    assert w1.keys() == w2.keys() == w0.keys() and all(t.dtype == torch.float32 for t in w2.values())
+    rel, moved = _relative(w1, w2), _relative(w1, w0)
+    print(f"{method}: relative difference FSDP2 2 ranks vs 1 rank {rel:.2e} (training moved the weights by {moved:.2e})")
+    assert rel < 1e-5 and moved > 1e-4
+    # resident bytes, read off each rank's own tensors after the first step
+    (r1,) = json.loads((tmp_path / "r1" / "heal_report.json").read_text())["resident_bytes_per_rank"]
+    per_rank = json.loads((tmp_path / "r2" / "heal_report.json").read_text())["resident_bytes_per_rank"]
+    assert len(per_rank) == 2
+    for params, opt in per_rank:
+        print(f"{method}: rank holds params {params:,} B (one rank: {r1[0]:,}), optimizer {opt:,} B (one rank: {r1[1]:,})")
+        assert 0.4 < params / r1[0] < 0.6 and 0.4 < opt / r1[1] < 0.6
+
+
+def _kill_when_saved(cmd: list[str], out: Path, timeout: float = 600) -> int:
+    """Start ``cmd`` in its own process group; SIGKILL the group once a training checkpoint
+    is complete (the pointer exists); returns the step it holds."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    pointer = partial_dir(out) / POINTER
+    t0 = time.monotonic()
+    try:
+        while not pointer.is_file():
+            assert proc.poll() is None, "the run ended before it saved a training checkpoint"
+            assert time.monotonic() - t0 < timeout
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    return json.loads(pointer.read_text())["step"]
+
+
+def _heal_cmd(ranks: int, args: list[str]) -> list[str]:
+    if ranks == 1:
+        return [sys.executable, "-m", "k2mini.cli", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", "k2mini.cli", *args]
+
+
+@pytest.mark.parametrize("saved_on, resumed_on", [(2, 2), (2, 1), (1, 2)])
+def test_a_killed_run_resumes_from_its_sharded_checkpoint_on_any_ranks(f32_pair, tmp_path, saved_on, resumed_on):
+    reduced, teacher = f32_pair
+    steps = ["--steps", "10", "--batch-size", "4", "--eval-every", "2", "--quiet", "--device", "cpu", "--method", "full"]
+    layout = {1: ["--no-fsdp"], 2: ["--fsdp"]}
+    base = ["heal", str(reduced), "-t", str(teacher), *steps]
+    ref = tmp_path / "ref"
+    p = subprocess.run(_heal_cmd(resumed_on, [*base, *layout[resumed_on], "-o", str(ref)]), capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = tmp_path / "out"
+    step = _kill_when_saved(_heal_cmd(saved_on, [*base, *layout[saved_on], "-o", str(out)]), out)
+    assert not out.exists() and 2 <= step < 10
+    p = subprocess.run(_heal_cmd(resumed_on, [*base, *layout[resumed_on], "-o", str(out), "--resume", "--json"]),
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout)["resumed_from_step"] == step
+    a, b = weights(ref), weights(out)
+    assert a.keys() == b.keys()
+    rel = _relative(a, b)
+    print(f"saved on {saved_on}, resumed on {resumed_on} (from step {step}): relative difference to uninterrupted {rel:.2e}")
+    if saved_on == resumed_on:
+        assert all(torch.equal(a[k], b[k]) for k in a)  # the same ranks and layout: bit for bit
+    else:
+        assert rel < 1e-5  # resharded: the same state, summed in another order by the steps before the save
