@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_heal import _float32_copy, _torchrun, invoke, weights
+from test_heal import _float32_copy, _torchrun, invoke, pair, weights  # noqa: F401 (pair: the fixture)
 
 from k2mini.heal.state import POINTER
 from k2mini.output import partial_dir
@@ -25,16 +25,10 @@ STEPS = ["--steps", "4", "--batch-size", "4", "--eval-every", "2", "--quiet", "-
 
 
 @pytest.fixture(scope="module")
-def f32_pair(tiny_fixture, tmp_path_factory):
-    """(reduced 3 layers x 4 experts stored as float32, teacher cache of the source)."""
-    d = tmp_path_factory.mktemp("heal-fsdp")
-    src = tiny_fixture.path
-    reduced, teacher = d / "reduced", d / "teacher"
-    assert invoke("convert-fast", "-s", str(src), "--layers", "3", "--experts", "4", "-o", str(reduced)).exit_code == 0
-    res = invoke("teacher", "-s", str(src), "-o", str(teacher), "--samples", "12", "--seq-len", "16", "--top-k", "16",
-                 "--block-sequences", "5", "--quiet")
-    assert res.exit_code == 0, res.output
-    return _float32_copy(reduced, d / "reduced-f32"), teacher
+def f32_pair(pair, tmp_path_factory):
+    """(test_heal's reduced 3 layers x 4 experts stored as float32, its teacher cache)."""
+    _, reduced, teacher = pair
+    return _float32_copy(reduced, tmp_path_factory.mktemp("heal-fsdp") / "reduced-f32"), teacher
 
 
 def _relative(a: dict, b: dict) -> float:
@@ -66,10 +60,13 @@ def test_two_fsdp_ranks_train_the_weights_one_rank_trains_with_half_the_bytes_ea
 
 
 def _kill_when_saved(cmd: list[str], out: Path, timeout: float = 600) -> int:
-    """Start ``cmd`` in its own process group; SIGKILL the group once a training checkpoint
-    is complete (the pointer exists); returns the step it holds."""
+    """Start ``cmd``; SIGKILL it and every process under it (torchrun starts its ranks in
+    sessions of their own) once a training checkpoint is complete (the pointer exists);
+    returns the step it holds."""
+    import psutil
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     pointer = partial_dir(out) / POINTER
     t0 = time.monotonic()
     try:
@@ -77,7 +74,9 @@ def _kill_when_saved(cmd: list[str], out: Path, timeout: float = 600) -> int:
             assert proc.poll() is None, "the run ended before it saved a training checkpoint"
             assert time.monotonic() - t0 < timeout
             time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
+        tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        for pid in reversed(tree):  # the ranks first, so the launcher cannot restart them
+            os.kill(pid, signal.SIGKILL)
     finally:
         proc.wait()
     return json.loads(pointer.read_text())["step"]

@@ -94,7 +94,8 @@ def run_heal(reduced_arg: str, teacher_arg: str, out: Path, opts: HealOptions, *
         cuda = accelerator.device.type == "cuda"
         # On CUDA the frozen weights stay BF16 (LoRA, router); trained ones are FP32 masters
         # computed in BF16 (mixed precision); on CPU everything is FP32.
-        load_dtype = torch.bfloat16 if cuda and opts.method != "full" else torch.float32
+        # (FSDP2 without mixed precision all-gathers each layer in its stored dtype: one dtype, FP32.)
+        load_dtype = torch.bfloat16 if cuda and opts.method != "full" and (opts.mixed_precision or not opts.fsdp) else torch.float32
         model = load_checkpoint_model(reduced, dtype=load_dtype)
         work = partial_dir(out)
         student, result = train(model, cache, opts, work=work, accelerator=accelerator)
