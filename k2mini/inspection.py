@@ -7,6 +7,7 @@ from pydantic import BaseModel
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.checkpoint.names import Role
 from k2mini.model.spec import ModelSpec
+from k2mini.sizes import format_size
 
 MAX_LISTED = 20
 
@@ -61,9 +62,9 @@ class InspectReport(BaseModel):
             f"MLA           hidden {a.hidden_size}, heads {a.attention_heads}, q_lora {a.q_lora_rank}, kv_lora {a.kv_lora_rank}, "
             f"qk {a.qk_nope_head_dim}+{a.qk_rope_head_dim}, v {a.v_head_dim}",
             f"tensors       {self.tensors} in {self.shards} shard(s)",
-            "dtypes        " + ", ".join(f"{k}: {v.tensors} ({_gib(v.bytes)})" for k, v in sorted(self.dtypes.items())),
+            "dtypes        " + ", ".join(f"{k}: {v.tensors} ({format_size(v.bytes, binary=True)})" for k, v in sorted(self.dtypes.items())),
             f"parameters    {self.params:,} ({self.params / 1e9:.3f} B)",
-            f"bytes         {_gib(self.tensor_bytes)} stored, {_gib(self.bf16_bytes)} as BF16",
+            f"bytes         {format_size(self.tensor_bytes, binary=True)} stored, {format_size(self.bf16_bytes, binary=True)} as BF16",
         ]
         if self.problems:
             lines.append(f"problems      {len(self.problems)}")
@@ -71,10 +72,6 @@ class InspectReport(BaseModel):
         else:
             lines.append("problems      none found")
         return "\n".join(lines)
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
 def inspect_checkpoint(ck: Checkpoint) -> InspectReport:

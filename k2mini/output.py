@@ -26,6 +26,7 @@ from pathlib import Path
 from k2mini.checkpoint.source import refuse_output_inside
 from k2mini.checkpoint.writer import JOURNAL_FILE
 from k2mini.errors import UsageError
+from k2mini.sizes import format_size
 
 # Room left for the page cache flush, filesystem metadata and the small files.
 _DISK_MARGIN = 64 * 2**20
@@ -44,14 +45,6 @@ def _existing_ancestor(p: Path) -> Path:
     while not p.exists():
         p = p.parent
     return p
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1000
-    return f"{n}"
 
 
 def check_output(
@@ -79,8 +72,8 @@ def check_output(
     free = shutil.disk_usage(_existing_ancestor(out.parent)).free
     if free < need:
         raise UsageError(
-            f"{flag} {out}: not enough free disk: the output needs {_human(need)}, "
-            f"{_human(free)} is free on {_existing_ancestor(out.parent)}"
+            f"{flag} {out}: not enough free disk: the output needs {format_size(need)}, "
+            f"{format_size(free)} is free on {_existing_ancestor(out.parent)}"
         )
 
 

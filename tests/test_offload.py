@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.cli import cli
 from k2mini.model.hf import load_checkpoint_model
-from k2mini.offload import load_offloaded, lru_hit_curve, parse_bytes, plateau_capacity
+from k2mini.offload import load_offloaded, lru_hit_curve, plateau_capacity
 from k2mini.offload.cache import expert_names
 from k2mini.offload.generate import decode
 
@@ -119,14 +119,6 @@ def test_lru_curve_and_plateau():
     assert curve[1] == curve[2] == 0.0
     assert curve[3] == curve[4] == pytest.approx(27 / 30)
     assert plateau_capacity(cyc) == (3, pytest.approx(27 / 30))
-
-
-def test_parse_bytes():
-    assert parse_bytes("60GB") == 60 * 10**9
-    assert parse_bytes("1.5GiB") == 3 * 2**29
-    assert parse_bytes("512") == 512
-    with pytest.raises(Exception, match="--budget"):
-        parse_bytes("lots")
 
 
 def test_cli_run_matches_transformers_generate(tiny_fixture):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from k2mini.checkpoint.safetensors_format import PlannedTensor
-from k2mini.checkpoint.writer import INDEX_FILE, JOURNAL_FILE, WriteUnit, parse_size, write_sharded
+from k2mini.checkpoint.writer import INDEX_FILE, JOURNAL_FILE, WriteUnit, write_sharded
 from k2mini.errors import UsageError
 from k2mini.output import OutputDir, check_output, lock_path, partial_dir
 
@@ -89,14 +89,6 @@ def test_resume_rejects_damaged_shard_and_other_key(tmp_path):
     calls.clear()
     write_sharded(tmp_path, _units(calls=calls), max_shard_bytes=600, key="other", resume=True)
     assert calls == list(range(6))
-
-
-def test_parse_size():
-    assert parse_size("5GB") == 5 * 10**9
-    assert parse_size("512MiB") == 2**29
-    assert parse_size("1000") == 1000
-    with pytest.raises(UsageError, match="--max-shard-size"):
-        parse_size("lots")
 
 
 def test_output_dir_commit_lock_and_refusals(tmp_path):

@@ -36,6 +36,7 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 
 from k2mini.checkpoint.source import LocalSource, Source, check_relative
 from k2mini.errors import CheckpointError, UsageError
+from k2mini.sizes import parse_size
 
 # ``org/name`` or ``org/name@revision`` (a revision may itself contain slashes: refs/pr/3).
 _REPO_LOCATION = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<rev>\S+))?$")
@@ -71,15 +72,15 @@ def parse_repo_location(location: str) -> tuple[str, str | None] | None:
 def open_source(location: str | os.PathLike) -> Source:
     """An existing local path stays local; ``org/name[@revision]`` that is not one is a Hub repo.
 
-    ``K2MINI_CACHE_DIR`` (and ``K2MINI_CACHE_SIZE``, default 50G) keep the tensor ranges a
-    Hub run fetched, so that a convert after an analyze of the same commit reads them locally.
+    ``K2MINI_CACHE_DIR`` (and ``K2MINI_CACHE_SIZE``, default 50GiB, a size as k2mini/sizes.py reads it) keep the
+    tensor ranges a Hub run fetched, so that a convert after an analyze of the same commit reads them locally.
     """
     text = os.fspath(location)
     if not Path(text).exists():
         parsed = parse_repo_location(text)
         if parsed is not None:
             cache_dir = os.environ.get("K2MINI_CACHE_DIR")
-            cache = RangeCache(cache_dir, parse_bytes(os.environ.get("K2MINI_CACHE_SIZE", "50G"), "K2MINI_CACHE_SIZE")) if cache_dir else None
+            cache = RangeCache(cache_dir, parse_size(os.environ.get("K2MINI_CACHE_SIZE", "50GiB"), flag="K2MINI_CACHE_SIZE", minimum=0)) if cache_dir else None
             return HubSource(*parsed, cache=cache, concurrency=connections_from_env())
     return LocalSource(text)
 
@@ -90,13 +91,6 @@ def connections_from_env() -> int:
     if not text.strip().isdigit() or not 1 <= int(text) <= 64:
         raise UsageError(f"K2MINI_HUB_CONNECTIONS={text!r}: expected a whole number from 1 to 64")
     return int(text)
-
-
-def parse_bytes(text: str, what: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
-    if m is None:
-        raise UsageError(f"{what} {text!r}: expected a size like 50G or 500M")
-    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
 
 
 class RangeCache:

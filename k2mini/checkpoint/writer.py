@@ -3,7 +3,7 @@
 API (reused by convert, quantize and anything else that writes weights)::
 
     units = [WriteUnit((PlannedTensor(...), ...), produce=lambda: [tensor, ...]), ...]
-    result = write_sharded(partial_dir, units, max_shard_bytes=parse_size("5GB"),
+    result = write_sharded(partial_dir, units, max_shard_bytes=5 * 10**9,
                            resume=False, key="<what these inputs are>")
 
 - A ``WriteUnit`` is what one producer call yields (e.g. an FP8 weight and its scale grid,
@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -41,7 +40,6 @@ from pathlib import Path
 import torch
 
 from k2mini.checkpoint.safetensors_format import PlannedTensor, encode_header, write_shard
-from k2mini.errors import UsageError
 
 INDEX_FILE = "model.safetensors.index.json"
 JOURNAL_FILE = ".k2mini-journal.json"
@@ -50,22 +48,6 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB" as Hugging Face counts it
 # written: catches a truncated or overwritten tail without re-hashing gigabytes (hashing
 # every byte while writing would cost more than the FP8 pass-through copy itself).
 _TAIL_BYTES = 1 << 20
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
-          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "ki": 2**10, "mi": 2**20, "gi": 2**30}
-
-
-def parse_size(text: str | int, *, flag: str = "--max-shard-size") -> int:
-    """``"5GB"`` -> 5e9, ``"512MiB"`` -> 2**29, ``"1000"`` -> 1000 bytes."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE.match(text)
-    unit = (m.group(2) or "").lower() if m else ""
-    if m is None or unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
-        raise UsageError(f"{flag} {text!r}: expected a size such as 5GB, 500MB or 2GiB")
-    return int(float(m.group(1)) * _UNITS[unit])
-
 
 @dataclass(frozen=True)
 class WriteUnit:

@@ -9,16 +9,7 @@ from pathlib import Path
 import click
 
 from k2mini.errors import UsageError
-
-
-def _parse_size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    try:
-        return int(float(num) * units[unit])
-    except ValueError:
-        raise UsageError(f"--memory-budget {text!r}: expected a size like 8G or 512M") from None
+from k2mini.sizes import parse_size
 
 
 @click.command("analyze")
@@ -43,8 +34,8 @@ def _parse_size(text: str) -> int:
 @click.option("--output-error-tokens", default=512, show_default=True, type=click.IntRange(min=1),
               help="Calibration tokens (a seeded random sample when there are more) for --output-error.")
 @click.option("--weight-norms", is_flag=True, help="Also record every expert's weight norm (reads every expert once).")
-@click.option("--memory-budget", default="4G", show_default=True,
-              help="RAM for carried activations; beyond it they are kept on disk in the work directory.")
+@click.option("--memory-budget", default="4GiB", show_default=True,
+              help="RAM for carried activations (G = 10^9 bytes, GiB = 2^30); beyond it they are kept on disk in the work directory.")
 @click.option("--device", default="cpu", show_default=True,
               help="Where the resident layer and the batch being computed live: cpu, cuda, cuda:N or auto (under torchrun, "
                    "each rank's local GPU). Carried activations stay in host RAM or on disk. The results do not depend on it "
@@ -81,7 +72,7 @@ def analyze_cmd(source, output, calib, samples, seq_len, seed, nll, nll_samples,
 
     if nll_samples < 1:
         raise UsageError("--nll-samples must be >= 1")
-    budget = _parse_size(memory_budget)
+    budget = parse_size(memory_budget, flag="--memory-budget", minimum=0)
     from k2mini.model.device import resolve_device
 
     device = str(resolve_device(device))  # a bad --device before any read

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from k2mini.errors import UsageError
+from k2mini.sizes import format_size, parse_size
 
 _SRC = click.option("--source", "-s", "source", required=True, help="Source checkpoint (K2 / DeepSeek-V3 format): a directory or a Hub repo id org/name[@revision].")
 _OUT = click.option("--output", "-o", "output", required=True, type=click.Path(path_type=Path), help="Output directory (created; must not exist or be empty).")
@@ -57,15 +58,6 @@ def _parse_keep_experts(text: str) -> list[int] | dict[int, list[int]]:
     return out
 
 
-def human_bytes(n: float) -> str:
-    """Decimal units, as disks and the Hub count (also used by teacher's summary)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return str(n)
-
-
 def _print_summary(s, plan, as_json: bool) -> None:
     if as_json:
         d = s.model_dump()
@@ -85,18 +77,18 @@ def _print_summary(s, plan, as_json: bool) -> None:
     if not s.dry_run and len(plan.experts) > 8:
         click.echo(f"  ... {len(plan.experts) - 8} more MoE layers (plan.json has them all)   [{plan.expert_strategy}]")
     click.echo(f"  routing groups: {s.group_policy}; parameters: {s.params:,}")
-    click.echo("  bytes by dtype: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in s.bytes_by_dtype.items())
-               + f"; total {human_bytes(s.total_size)} in {s.shards} shard(s)")
+    click.echo("  bytes by dtype: " + ", ".join(f"{k} {format_size(v)}" for k, v in s.bytes_by_dtype.items())
+               + f"; total {format_size(s.total_size)} in {s.shards} shard(s)")
     for n in s.notes:
         click.echo(f"  note: {n}")
     if s.dry_run and s.source_total_bytes:
-        click.echo(f"  source bytes: {human_bytes(s.planning_bytes_read + s.bytes_to_read)} to read "
-                   f"({human_bytes(s.planning_bytes_read)} already read to plan) of {human_bytes(s.source_total_bytes)} in the source "
+        click.echo(f"  source bytes: {format_size(s.planning_bytes_read + s.bytes_to_read)} to read "
+                   f"({format_size(s.planning_bytes_read)} already read to plan) of {format_size(s.source_total_bytes)} in the source "
                    f"({100 * (s.planning_bytes_read + s.bytes_to_read) / s.source_total_bytes:.1f}%)")
     if not s.dry_run:
         rate = s.total_size / s.seconds / 1e6 if s.seconds else 0.0
-        click.echo(f"  {s.tensors} tensors in {s.seconds:.1f} s ({rate:.0f} MB/s written); source bytes read {human_bytes(s.bytes_read)} "
-                   f"for {human_bytes(s.selected_source_bytes)} selected; {s.dropped_source_tensors} source tensors dropped"
+        click.echo(f"  {s.tensors} tensors in {s.seconds:.1f} s ({rate:.0f} MB/s written); source bytes read {format_size(s.bytes_read)} "
+                   f"for {format_size(s.selected_source_bytes)} selected; {s.dropped_source_tensors} source tensors dropped"
                    + (f"; {s.reused_shards} shard(s) re-used from the interrupted run" if s.reused_shards else ""))
         click.echo(f"  copied: {', '.join(s.copied_files) or 'nothing'}; left out: {', '.join(s.dropped_files) or 'nothing'}")
 
@@ -118,7 +110,6 @@ def run(
     """Shared by convert and convert-fast: options -> plan -> (dry run | write) -> summary."""
     from k2mini.analysis.schema import Analysis
     from k2mini.checkpoint.reader import Checkpoint
-    from k2mini.checkpoint.writer import parse_size
     from k2mini.convert.pipeline import dry_run as do_dry_run
     from k2mini.convert.pipeline import prepare, run_convert
     from k2mini.convert.presets import load_preset
@@ -134,7 +125,7 @@ def run(
     def pick(flag_value, preset_value, default):
         return flag_value if flag_value is not None else (preset_value if preset_value is not None else default)
 
-    shard_bytes = parse_size(max_shard_size)
+    shard_bytes = parse_size(max_shard_size, flag="--max-shard-size")
     if not dry_run:
         check_output(output, source=source, overwrite=overwrite, resume=resume, flag="--output")
     ck = Checkpoint.open(source)

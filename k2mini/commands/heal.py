@@ -8,10 +8,7 @@ from pathlib import Path
 import click
 
 from k2mini.errors import UsageError
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
+from k2mini.sizes import format_size
 
 
 @click.command("heal")
@@ -155,7 +152,7 @@ def heal_cmd(reduced, teacher, output, method, steps, epochs, lr, batch_size, lo
     click.echo(f"  train KL {block['first_loss']:.4f} -> {block['last_loss']:.4f}"
                + (f"; held-out KL {block['first_eval_kl']:.4f} -> {block['last_eval_kl']:.4f}" if block["first_eval_kl"] is not None else ""))
     click.echo(f"  {result.ranks} rank(s) ({result.parallel}), {result.seconds:.1f} s, {result.tokens_per_second:,.0f} tokens/s"
-               + (f", peak GPU memory {_gib(result.peak_gpu_bytes)}" if result.peak_gpu_bytes else "")
+               + (f", peak GPU memory {format_size(result.peak_gpu_bytes, binary=True)}" if result.peak_gpu_bytes else "")
                + (f" (resumed at step {result.resumed_from_step})" if result.resumed_from_step else ""))
     click.echo(f"  next: k2mini validate {output} --reference SOURCE")
 
@@ -185,17 +182,20 @@ def _dry_run(reduced, teacher, method, batch_size, lora_rank, gpus, gpu_profile,
         click.echo(json.dumps(p, indent=1))
         return
     click.echo(f"heal (dry run): {reduced}, {p['params'] / 1e9:.2f}B parameters, {gpus} x {profile.name} "
-               f"({_gib(usable)} usable each), {batch_size // gpus} sequence(s) of {seq_len} tokens per GPU, gradient checkpointing "
+               f"({format_size(usable, binary=True)} usable each), {batch_size // gpus} sequence(s) of {seq_len} tokens per GPU, gradient checkpointing "
                f"{'on' if checkpointing else 'off'}")
+    def gib(n: float) -> str:
+        return format_size(n, binary=True)
+
     click.echo(f"  per GPU: params | grads | AdamW state | activations = total (host memory per rank with offload); "
                f"FSDP2 shards every decoder layer, then the root, and gathers the root plus two layers at a time")
     for name, m in p["methods"].items():
         click.echo(f"  {name}: trainable {m['trainable_params'] / 1e6:,.2f}M, default layout {m['default']}"
                    + ("  <- --method" if name == method else ""))
         for layout, x in m["layouts"].items():
-            host = f"  host {_gib(x['host'])}/rank" if x["host"] else ""
-            click.echo(f"    {layout:14s} {_gib(x['params']):>10s} | {_gib(x['grads']):>10s} | {_gib(x['optimizer']):>10s} | "
-                       f"{_gib(x['activations']):>9s} = {_gib(x['total']):>10s}  {'fits' if x['fits'] else 'does NOT fit'}{host}")
+            host = f"  host {gib(x['host'])}/rank" if x["host"] else ""
+            click.echo(f"    {layout:14s} {gib(x['params']):>10s} | {gib(x['grads']):>10s} | {gib(x['optimizer']):>10s} | "
+                       f"{gib(x['activations']):>9s} = {gib(x['total']):>10s}  {'fits' if x['fits'] else 'does NOT fit'}{host}")
 
 
 def _config_alone(reduced: str) -> dict:

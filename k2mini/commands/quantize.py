@@ -48,12 +48,12 @@ def quantize_cmd(source: str, bits: int, group_size: int | None, fmt: str, ignor
     import json
 
     from k2mini.checkpoint.source import refuse_output_inside
-    from k2mini.checkpoint.writer import parse_size
     from k2mini.quantize.run import QuantOptions, quantize_checkpoint
+    from k2mini.sizes import parse_size
 
     refuse_output_inside(source, output, flag="--output")  # robustness: never write into the source
     report = quantize_checkpoint(source, output, QuantOptions(bits, group_size, fmt, tuple(ignore)), progress=not quiet,
-                                 overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size))
+                                 overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size, flag="--max-shard-size"))
     if report.warning:
         click.echo(f"k2mini: warning: {report.warning}", err=True)
     if as_json:

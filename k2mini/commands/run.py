@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from k2mini.errors import UsageError
+from k2mini.sizes import format_size, parse_size
 
 
 def _peak_rss() -> int:
@@ -65,7 +66,7 @@ def run_cmd(src, offload, budget, host_budget, prefetch, prompt, file_, max_new_
 
     from k2mini.analysis.tokenizer import load_tokenizer
     from k2mini.checkpoint.reader import Checkpoint
-    from k2mini.offload import load_full, load_offloaded, parse_bytes, plateau_capacity
+    from k2mini.offload import load_full, load_offloaded, plateau_capacity
     from k2mini.offload.cache import return_freed_memory_to_os
     from k2mini.offload.generate import decode
 
@@ -99,7 +100,8 @@ def run_cmd(src, offload, budget, host_budget, prefetch, prompt, file_, max_new_
     t0 = time.perf_counter()
     if offload:
         return_freed_memory_to_os()
-        om = load_offloaded(ck, budget=parse_bytes(budget, "--budget"), host_budget=parse_bytes(host_budget, "--host-budget"),
+        om = load_offloaded(ck, budget=parse_size(budget, flag="--budget", minimum=0),
+                            host_budget=parse_size(host_budget, flag="--host-budget", minimum=0),
                             device=dev, dtype=torch_dtype, prefetch=prefetch, progress=not quiet)
         model = om.model
     else:
@@ -134,13 +136,13 @@ def run_cmd(src, offload, budget, host_budget, prefetch, prompt, file_, max_new_
         return
     click.echo(report["text"])
     m = report["memory"]
-    line = f"{len(res.tokens)} tokens, {report['decode_tokens_per_second']} tok/s decode, peak RSS {m['peak_rss'] / 2**30:.2f} GiB"
+    line = f"{len(res.tokens)} tokens, {report['decode_tokens_per_second']} tok/s decode, peak RSS {format_size(m['peak_rss'], binary=True)}"
     if om is not None:
         s = report["offload_stats"]
         line += (f"; hit rate device {s['hit_rate']['device']:.1%} host {s['hit_rate']['host']:.1%}, "
                  f"{s['bytes_read_per_token'] / 2**20:.1f} MiB read/token, fetch {s['fetch_ms_per_token']:.1f} ms + "
                  f"compute {s['compute_ms_per_token']:.1f} ms per token")
         if plateau:
-            line += f"; hit rate plateaus at {report['plateau']['experts']} experts ({report['plateau']['bytes'] / 2**30:.2f} GiB)"
+            line += f"; hit rate plateaus at {report['plateau']['experts']} experts ({format_size(report['plateau']['bytes'], binary=True)})"
     click.echo(line, err=True)
     sys.stderr.flush()

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import click
 
-from k2mini.commands.analyze import _parse_size
-from k2mini.commands.convert import human_bytes
 from k2mini.errors import UsageError
+from k2mini.sizes import format_size, parse_size
 
 
 @click.command("teacher")
@@ -24,8 +23,8 @@ from k2mini.errors import UsageError
 @click.option("--tokens", type=click.IntRange(min=1), default=None, help="Instead of --samples: at least this many tokens (whole sequences).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Shuffles each source's documents before they are cut into sequences.")
 @click.option("--top-k", default=64, show_default=True, type=int, help="Teacher log-probs kept per position (392 bytes per token at 64).")
-@click.option("--memory-budget", default="4G", show_default=True,
-              help="RAM for the activations of one block of sequences; sets the block size unless --block-sequences does "
+@click.option("--memory-budget", default="4GiB", show_default=True,
+              help="RAM for the activations of one block of sequences (G = 10^9 bytes, GiB = 2^30); sets the block size unless --block-sequences does "
                    "(beyond the budget activations are kept on disk).")
 @click.option("--block-sequences", type=click.IntRange(min=1), default=None,
               help="Sequences per block: each block is one sweep through every layer (the source is read once per block) "
@@ -81,7 +80,7 @@ def teacher_cmd(source, output, calib, samples, seq_len, tokens, seed, top_k, me
     if resume and overwrite:
         raise UsageError("--resume and --overwrite: give one of them")
     n_samples = math.ceil(tokens / seq_len) if tokens is not None else (samples or 32)
-    budget = _parse_size(memory_budget)
+    budget = parse_size(memory_budget, flag="--memory-budget", minimum=0)
     dev = resolve_device(device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype_name) or (torch.float32 if dev.type == "cpu" else torch.bfloat16)
     ck = Checkpoint.open(source)
@@ -99,11 +98,11 @@ def teacher_cmd(source, output, calib, samples, seq_len, tokens, seed, top_k, me
             return
         click.echo(f"teacher (dry run, nothing written): {est['tokens']:,} tokens = {est['sequences']:,} sequences x {seq_len}, "
                    f"top-k {top_k}, on {est['device']}")
-        click.echo(f"  cache: {human_bytes(est['cache_bytes'])} ({est['bytes_per_token']} B/token) in {est['blocks']} block(s) "
+        click.echo(f"  cache: {format_size(est['cache_bytes'])} ({est['bytes_per_token']} B/token) in {est['blocks']} block(s) "
                    f"of {est['block_sequences']} sequences")
-        click.echo(f"  reads: at most {human_bytes(est['bytes_read_per_sweep'])} per sweep (largest layer "
-                   f"{human_bytes(max(est['bytes_read_per_layer'], default=0))}; MoE layers read only routed experts), "
-                   f"{human_bytes(est['bytes_read_total'])} in all")
+        click.echo(f"  reads: at most {format_size(est['bytes_read_per_sweep'])} per sweep (largest layer "
+                   f"{format_size(max(est['bytes_read_per_layer'], default=0))}; MoE layers read only routed experts), "
+                   f"{format_size(est['bytes_read_total'])} in all")
         click.echo(f"  time: about {est['estimated_seconds'] / 3600:.2f} h on this process (from a probe of {est['probe_tokens']} "
                    f"tokens through the first dense and MoE layers, reads included; divide by the ranks you launch)")
         return
@@ -126,9 +125,9 @@ def teacher_cmd(source, output, calib, samples, seq_len, tokens, seed, top_k, me
         return
     secs = result["seconds"]
     click.echo(f"wrote {output}: {manifest.tokens:,} tokens ({manifest.sequences:,} x {manifest.seq_len}), top-{manifest.top_k}, "
-               f"{len(manifest.shards)} shard(s), {human_bytes(result['cache_bytes'])} ({manifest.bytes_per_token} B/token)")
+               f"{len(manifest.shards)} shard(s), {format_size(result['cache_bytes'])} ({manifest.bytes_per_token} B/token)")
     click.echo(f"  {len(stats)} rank(s), {secs:.1f} s, {manifest.tokens / max(secs, 1e-9):,.0f} tokens/s; "
-               f"read {human_bytes(total)} from the source in all"
-               + "".join(f"; rank {s.rank}: {s.blocks} block(s), {human_bytes(s.bytes_requested)}"
+               f"read {format_size(total)} from the source in all"
+               + "".join(f"; rank {s.rank}: {s.blocks} block(s), {format_size(s.bytes_requested)}"
                          + (f", {s.blocks_resumed} resumed" if s.blocks_resumed else "") for s in stats))
     click.echo(f"  manifest sha256 {result['manifest_sha256']}")

@@ -9,18 +9,18 @@ Source API, so a Hub source works the same way as a directory.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 from k2mini.checkpoint.names import Role, parse_name, rename
 from k2mini.checkpoint.reader import INDEX_FILE, Checkpoint
-from k2mini.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, WriteUnit, planned_bytes, write_file, write_sharded
+from k2mini.checkpoint.reduced import CONFIG_FILE, ReducedCheckpoint, companion_files, config_bytes
+from k2mini.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, WriteUnit
 from k2mini.convert.card import model_card
 from k2mini.convert.config import fixed_config
 from k2mini.checkpoint.prefetch import PrefetchedCheckpoint, Prefetcher, raw_read_order
@@ -30,9 +30,8 @@ from k2mini.model.spec import ModelSpec
 from k2mini.output import OutputDir
 from k2mini.selection.plan import PLAN_FILE, Plan
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 # Written by convert itself, never copied from the source.
-_OWN_FILES = {"config.json", INDEX_FILE, PLAN_FILE, "README.md"}
+_OWN_FILES = {PLAN_FILE, "README.md"}
 
 
 def plan_jobs(ck: Checkpoint, plan: Plan) -> list[TensorJob]:
@@ -93,32 +92,6 @@ def _check_problems(ck: Checkpoint, jobs: list[TensorJob]) -> None:
             raise CheckpointError(p.message, path=ck.description)
 
 
-def aux_files(ck: Checkpoint) -> tuple[list[str], list[str]]:
-    """(files to copy, files left out): tokenizer and friends in, weights and remote code out."""
-    needed_code: set[str] = set()
-    if ck.source.exists("tokenizer_config.json"):
-        try:
-            tc = json.loads(ck.source.read_bytes("tokenizer_config.json"))
-        except ValueError:
-            tc = {}
-        # A tokenizer that itself needs remote code (K2's tiktoken tokenizer) keeps its file.
-        for v in (tc.get("auto_map") or {}).values() if isinstance(tc, dict) else ():
-            for ref in v if isinstance(v, list) else [v]:
-                if isinstance(ref, str):
-                    needed_code.add(ref.split("--")[-1].split(".")[0] + ".py")
-    copy, dropped = [], []
-    for f in ck.source.list_files():
-        p = PurePosixPath(f)
-        if any(part.startswith(".") for part in p.parts) or f in _OWN_FILES or f.endswith(_WEIGHT_SUFFIXES) \
-                or f.endswith(".index.json"):
-            dropped.append(f)
-        elif p.suffix == ".py" and f not in needed_code:
-            dropped.append(f)
-        else:
-            copy.append(f)
-    return copy, dropped
-
-
 class ConvertSummary(BaseModel):
     source: str
     output: str
@@ -169,7 +142,7 @@ def prepare(ck: Checkpoint, plan: Plan, transform: Transform) -> Prepared:
     units = [WriteUnit(transform.plan(ck, j), (lambda j=j: transform.produce(ck, j))) for j in jobs]
     cfg = fixed_config(ck.config, plan, transform)
     params = ModelSpec.from_config({k: v for k, v in cfg.items() if k != "quantization_config"}).param_count()
-    copy, dropped = aux_files(ck)
+    copy, dropped = companion_files(ck.source, {CONFIG_FILE, INDEX_FILE, *_OWN_FILES})
     return Prepared(ck, plan, transform, jobs, units, cfg, params, copy, dropped)
 
 
@@ -225,20 +198,15 @@ def run_convert(
     t0 = time.perf_counter()
     summary = _summary(p, str(output), dry_run=False, max_shard_bytes=max_shard_bytes)
     ck = p.ck
-    aux_bytes = sum(ck.source.size(f) for f in p.copy)
-    need = planned_bytes(p.units, max_shard_bytes) + aux_bytes + 2**20
-    cfg_bytes = (json.dumps(p.config, indent=2) + "\n").encode()
     plan_bytes = p.plan.to_bytes()
-    key = hashlib.sha256(cfg_bytes + plan_bytes + p.transform.key().encode()).hexdigest()
+    card = model_card(p.config, p.plan, params=p.params, total_size=summary.total_size,
+                      src_layers=int(ck.config["num_hidden_layers"]), src_experts=int(ck.config.get("n_routed_experts") or 0))
+    out = ReducedCheckpoint(ck.source, p.config, files={PLAN_FILE: plan_bytes, "README.md": card.encode()})
+    key = hashlib.sha256(config_bytes(p.config) + plan_bytes + p.transform.key().encode()).hexdigest()
     read0 = ck.source.bytes_read
-    with OutputDir(output, source=ck.description, overwrite=overwrite, resume=resume, planned_bytes=need) as od:
-        for f in p.copy:
-            write_file(od.partial / f, ck.source.read_bytes(f))
-        write_file(od.partial / "config.json", cfg_bytes)
-        write_file(od.partial / PLAN_FILE, plan_bytes)
-        card = model_card(p.config, p.plan, params=p.params, total_size=summary.total_size,
-                          src_layers=int(ck.config["num_hidden_layers"]), src_experts=int(ck.config.get("n_routed_experts") or 0))
-        write_file(od.partial / "README.md", card.encode())
+    with OutputDir(output, source=ck.description, overwrite=overwrite, resume=resume,
+                   planned_bytes=out.planned_bytes(p.units, max_shard_bytes)) as od:
+        out.write_files(od.partial)
         tensor_read0 = ck.source.bytes_read
         prefetcher = Prefetcher(ck, _read_order(ck, p.jobs))
         pck = PrefetchedCheckpoint(ck, prefetcher)
@@ -246,13 +214,12 @@ def run_convert(
         try:
             with tqdm(total=summary.total_size, unit="B", unit_scale=True, desc="convert", disable=not progress or None,
                       dynamic_ncols=True, leave=False) as bar:
-                res = write_sharded(od.partial, units, max_shard_bytes=max_shard_bytes, resume=resume and od.resumed,
-                                    key=key, on_tensor=lambda t: bar.update(t.nbytes))
+                res = out.write_tensors(od.partial, units, max_shard_bytes=max_shard_bytes, resume=resume and od.resumed,
+                                      key=key, on_tensor=lambda t: bar.update(t.nbytes),
+                                      after=lambda: p.transform.output_files(ck.description, str(output)))
         finally:
             prefetcher.close()
         summary.tensor_bytes_read = ck.source.bytes_read - tensor_read0
-        for name, data in p.transform.output_files(ck.description, str(output)).items():
-            write_file(od.partial / name, data)
         od.commit()
     summary.bytes_read = ck.source.bytes_read - read0
     summary.reused_shards = len(res.reused_shards)

@@ -15,7 +15,8 @@ import torch
 from k2mini.checkpoint.names import Role
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.checkpoint.safetensors_format import PlannedTensor
-from k2mini.checkpoint.writer import WriteUnit, write_file, write_sharded
+from k2mini.checkpoint.reduced import ReducedCheckpoint
+from k2mini.checkpoint.writer import WriteUnit
 
 LOSS_PNG = "heal_loss.png"
 REPORT = "heal_report.json"
@@ -28,10 +29,10 @@ def weight_names(ck: Checkpoint) -> list[str]:
 
 
 def write_healed(partial: Path, reduced: Checkpoint, names: list[str], weight: Callable[[str], torch.Tensor],
-                 heal_block: dict[str, Any], card_section: str) -> int:
+                 heal_block: dict[str, Any], card_section: str, own_files: tuple[str, ...] = ()) -> int:
     """Write the healed tensors ``names`` (the reduced model's, in the order ``weight`` can
-    produce them: heal/gather.py) into ``partial``; returns tensor bytes."""
-    from k2mini.convert.pipeline import aux_files
+    produce them: heal/gather.py) into ``partial``; returns tensor bytes.
+    ``own_files``: what heal writes there itself (log, curve), never copied from REDUCED."""
 
     def produce(name: str, info) -> list[torch.Tensor]:
         t = weight(name)
@@ -43,16 +44,12 @@ def write_healed(partial: Path, reduced: Checkpoint, names: list[str], weight: C
     for name in names:
         info = reduced.info(name)
         units.append(WriteUnit((PlannedTensor(name, info.dtype, info.shape),), lambda name=name, info=info: produce(name, info)))
-    copy, _ = aux_files(reduced)
-    for f in copy + [f for f in ("plan.json",) if reduced.source.exists(f)]:
-        write_file(partial / f, reduced.source.read_bytes(f))
     cfg = json.loads(reduced.source.read_bytes("config.json"))
     cfg.setdefault("k2mini", {})["heal"] = heal_block
-    write_file(partial / "config.json", (json.dumps(cfg, indent=2) + "\n").encode())
     card = reduced.source.read_bytes("README.md").decode() if reduced.source.exists("README.md") else "# Reduced model\n"
-    write_file(partial / "README.md", (card.rstrip("\n") + "\n\n" + card_section).encode())
-    res = write_sharded(partial, units)
-    return res.total_size
+    writer = ReducedCheckpoint(reduced.source, cfg, files={"README.md": (card.rstrip("\n") + "\n\n" + card_section).encode()},
+                               own_files=own_files)
+    return writer.write(partial, units).total_size
 
 
 def card_section(block: dict[str, Any]) -> str:

@@ -122,7 +122,7 @@ def run_heal(reduced_arg: str, teacher_arg: str, out: Path, opts: HealOptions, *
         }
         write_log(od.partial / LOG_FILE, result.log)
         plot_log([asdict(x) for x in result.log], od.partial / LOSS_PNG)
-        write_healed(od.partial, reduced, names, gather.get, block, card_section(block))
+        write_healed(od.partial, reduced, names, gather.get, block, card_section(block), own_files=(LOG_FILE, LOSS_PNG, REPORT))
         state.remove(work)
         report = {"heal": block, "ranks": result.ranks, "parallel": result.parallel, "seconds": result.seconds,
                   "tokens_per_second": result.tokens_per_second, "peak_gpu_bytes": result.peak_gpu_bytes,

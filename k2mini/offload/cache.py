@@ -18,7 +18,6 @@ backlog of stale guesses never delays the forward pass.
 from __future__ import annotations
 
 import contextlib
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -28,25 +27,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from k2mini.checkpoint import fp8
-from k2mini.errors import UsageError
 from k2mini.offload.stats import OffloadStats
 
 Key = tuple[int, int]  # (layer, expert)
 PROJ = ("gate_proj", "up_proj", "down_proj")
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_bytes(text: str | int, flag: str = "--budget") -> int:
-    """'60GB' (10^9), '1.5GiB' (2^30), '512MB', '0' or a plain byte count -> bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B?)\s*", str(text).upper())
-    if not m or m.group(2) not in _UNITS:
-        raise UsageError(f"{flag} {text!r} is not a size like 60GB, 512MiB or 1000000")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
-
-
 def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
     """Make glibc serve every allocation of ``threshold`` bytes or more with its own mmap.
 

@@ -8,13 +8,13 @@ divide a weight, an already-quantized source) fails before anything is written.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from k2mini.checkpoint.names import Role
 from k2mini.checkpoint.reader import Checkpoint
-from k2mini.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, WriteUnit, planned_bytes, write_file, write_sharded
+from k2mini.checkpoint.reduced import ReducedCheckpoint
+from k2mini.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, WriteUnit
 from k2mini.convert.card import model_card
 from k2mini.errors import CheckpointError
 from k2mini.model.spec import ModelSpec
@@ -46,20 +46,10 @@ def check_source(ck: Checkpoint) -> None:
             )
 
 
-AUX_SKIP_SUFFIXES = (".safetensors", ".py", ".pyc")
-
-
-def aux_files(ck: Checkpoint) -> list[str]:
-    """Files that travel with the weights (tokenizer, generation config, model card); never
-    remote code, weights, index or config."""
-    skip = {"config.json", "model.safetensors.index.json", REPORT_FILE}
-    return [f for f in ck.source.list_files() if "/" not in f and f not in skip and not f.endswith(AUX_SKIP_SUFFIXES)]
-
-
 def reduced_model_card(ck: Checkpoint, out_cfg: dict, total_size: int) -> str | None:
     """A k2mini-reduced input's model card, rewritten for the quantized weights (the copied
     one would say BF16). None for other inputs: their README is not ours and is copied."""
-    if not (isinstance(ck.config.get("k2mini"), dict) and ck.source.exists(PLAN_FILE) and "README.md" in aux_files(ck)):
+    if not (isinstance(ck.config.get("k2mini"), dict) and ck.source.exists(PLAN_FILE) and ck.source.exists("README.md")):
         return None
     try:
         plan = Plan.model_validate_json(ck.source.read_bytes(PLAN_FILE))
@@ -95,23 +85,20 @@ def quantize_checkpoint(
         in_dtype = "BF16" if t.dtype == "F8_E4M3" else t.dtype
         planned = transform.plan(name, in_dtype, t.shape, t.nbytes + (scale.nbytes if scale else 0))
         units.append(WriteUnit(tuple(planned), lambda n=name: list(transform.apply(n, ck.read(n)))))
-    aux = aux_files(ck)
     out_cfg = transform.config(ck.config)
-    cfg = (json.dumps(out_cfg, indent=2) + "\n").encode()
-    total = sum(u.nbytes for u in units)
-    card = reduced_model_card(ck, out_cfg, total)
-    if card is not None:
-        aux.remove("README.md")
-    need = planned_bytes(units, max_shard_bytes) + sum(ck.source.size(f) for f in aux) + 2**20
-    with OutputDir(out, source=ck.description, overwrite=overwrite, planned_bytes=need) as od:
-        for f in aux:
-            write_file(od.partial / f, ck.source.read_bytes(f))
-        write_file(od.partial / "config.json", cfg)
-        if card is not None:
-            write_file(od.partial / "README.md", card.encode())
-        with tqdm(total=total, unit="B", unit_scale=True, desc="quantize", disable=not progress, file=sys.stderr) as bar:
-            write_sharded(od.partial, units, max_shard_bytes=max_shard_bytes, on_tensor=lambda p: bar.update(p.nbytes))
-        report = transform.report(str(src), str(out))
-        write_file(od.partial / REPORT_FILE, report.to_bytes())
+    card = reduced_model_card(ck, out_cfg, sum(u.nbytes for u in units))
+    writer = ReducedCheckpoint(ck.source, out_cfg, files={} if card is None else {"README.md": card.encode()},
+                               own_files=(REPORT_FILE,))
+    reports: list[QuantReport] = []
+
+    def report_file() -> dict[str, bytes]:  # the report covers every tensor, so it comes last
+        reports.append(transform.report(str(src), str(out)))
+        return {REPORT_FILE: reports[0].to_bytes()}
+
+    with OutputDir(out, source=ck.description, overwrite=overwrite, planned_bytes=writer.planned_bytes(units, max_shard_bytes)) as od:
+        with tqdm(total=sum(u.nbytes for u in units), unit="B", unit_scale=True, desc="quantize", disable=not progress,
+                  file=sys.stderr) as bar:
+            writer.write(od.partial, units, max_shard_bytes=max_shard_bytes, on_tensor=lambda p: bar.update(p.nbytes),
+                         after=report_file)
         od.commit()
-    return report
+    return reports[0]

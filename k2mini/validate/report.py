@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal
 
 from pydantic import BaseModel, Field
+
+from k2mini.sizes import format_size
 
 Severity = Literal["error", "warning", "info"]
 ENGINES = ("transformers", "vLLM", "SGLang")
@@ -167,33 +170,33 @@ class ValidationReport(BaseModel):
         return self
 
     def summary(self) -> str:
-        gib = 1 << 30
+        gib = partial(format_size, binary=True)
         lines = [f"validate {self.output}"]
         if self.static:
             s = self.static
             lines.append(f"static: {s.format}, {s.tensors} tensors, {s.tensors_scanned} scanned "
-                         f"({s.bytes_scanned / gib:.2f} GiB) in {s.seconds:.1f} s")
+                         f"({gib(s.bytes_scanned)}) in {s.seconds:.1f} s")
         if self.memory:
             m = self.memory
             kv = m.kv
             lines.append(
-                f"memory plan for {m.gpu} ({m.memory_bytes / gib:.1f} GiB, {m.reserved_bytes / gib:.1f} reserved): "
-                f"{m.params / 1e9:.3f} B params, weights {m.weights_bytes / gib:.2f} GiB "
-                f"({', '.join(f'{k} {v / gib:.2f}' for k, v in sorted(m.weights_by_dtype.items()))})"
+                f"memory plan for {m.gpu} ({gib(m.memory_bytes)}, {gib(m.reserved_bytes)} reserved): "
+                f"{m.params / 1e9:.3f} B params, weights {gib(m.weights_bytes)} "
+                f"({', '.join(f'{k} {gib(v)}' for k, v in sorted(m.weights_by_dtype.items()))})"
             )
             lines.append(
-                f"  KV cache at {kv.context} tokens x batch {kv.batch}: MLA latent {kv.latent_bytes / gib:.2f} GiB, "
-                f"expanded per-head {kv.expanded_bytes / gib:.2f} GiB; activations {m.activation_bytes / gib:.2f} GiB"
+                f"  KV cache at {kv.context} tokens x batch {kv.batch}: MLA latent {gib(kv.latent_bytes)}, "
+                f"expanded per-head {gib(kv.expanded_bytes)}; activations {gib(m.activation_bytes)}"
             )
             lines.append(
-                f"  latent cache (vLLM/SGLang): needs {m.needed_latent_bytes / gib:.2f} GiB -> "
+                f"  latent cache (vLLM/SGLang): needs {gib(m.needed_latent_bytes)} -> "
                 f"{'FITS' if m.fits_latent else 'DOES NOT FIT'}; expanded cache + transformers weights: "
-                f"{m.needed_expanded_bytes / gib:.2f} GiB -> {'fits' if m.fits_expanded else 'does not fit'}"
+                f"{gib(m.needed_expanded_bytes)} -> {'fits' if m.fits_expanded else 'does not fit'}"
             )
             lines.extend(f"  note: {n}" for n in m.notes)
         if self.run:
             r = self.run
-            peak = f", peak GPU memory {r.peak_memory_bytes / gib:.2f} GiB" if r.peak_memory_bytes is not None else ""
+            peak = f", peak GPU memory {gib(r.peak_memory_bytes)}" if r.peak_memory_bytes is not None else ""
             top = max(r.layers, key=lambda m: m.max_abs) if r.layers else None
             lines.append(
                 f"run on {r.device} ({r.dtype}): loaded in {r.load_seconds:.1f} s{peak}; {r.tokens} tokens; "
