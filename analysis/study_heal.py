@@ -138,8 +138,8 @@ def run_model(name: str, path: Path, work: Path, cuts: list[str], settings: list
                         curve.append((entry.tokens, evaluate(model, evals, refs)))
 
                 with tempfile.TemporaryDirectory() as tmp:
-                    trained, res = train(model, cache, opts, work=Path(tmp), accelerator=acc, on_step=on_step)
-                after = evaluate(M.base_model(trained), evals, refs)
+                    student, res = train(model, cache, opts, work=Path(tmp), accelerator=acc, on_step=on_step)
+                after = evaluate(M.base_model(student.trained), evals, refs)
                 curve.append((res.tokens_seen, after))
                 acc.free_memory()
                 common = {"model": name, "cut": cut, "method": method, "setting": label, "seed": seed, "steps": n_steps,

@@ -128,7 +128,7 @@ def test_healed_output_is_a_complete_checkpoint_with_provenance(pair, tmp_path):
     out = tmp_path / "healed"
     res = invoke("heal", str(reduced), "-t", str(teacher), "-o", str(out), "--json", *STEPS)
     assert res.exit_code == 0, res.output
-    summary = json.loads(res.output)
+    summary = json.loads(res.stdout)
     cfg = json.loads((out / "config.json").read_text())
     block = cfg["k2mini"]["heal"]
     manifest_sha = __import__("hashlib").sha256((teacher / "manifest.json").read_bytes()).hexdigest()
@@ -230,8 +230,9 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(pair, tmp_path):
     count = tmp_path / "events"
     subprocess.run([*base, f"count:{count}", *args, "-o", str(out)], check=True, capture_output=True, timeout=600)
     shutil.rmtree(out)
-    for k in range(1, int(count.read_text())):
+    for k in range(int(count.read_text()) - 1, 0, -1):  # from the end: the last save (step 4) stays until the output is written
         shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
         p = subprocess.run([*base, f"kill@{k}", *args, "-o", str(out)], capture_output=True, timeout=600)
         assert p.returncode == -9
         state = partial / "train_state.json"
@@ -241,7 +242,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(pair, tmp_path):
         pytest.fail("no kill point left a training checkpoint at step 4")
     res = invoke(*args, "-o", str(out), "--resume", "--json")
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["resumed_from_step"] == 4
+    assert json.loads(res.stdout)["resumed_from_step"] == 4
     a, b = weights(ref), weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

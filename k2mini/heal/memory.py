@@ -95,6 +95,6 @@ def plan(cfg: dict[str, Any], *, gpus: int, gpu_bytes: int, seq_len: int, batch_
                              "host": int(sum(sharded.values())) if offload else 0}
         ddp_fits = layouts["DDP"]["fits"]
         out[method] = {"trainable_params": trainable, "layouts": layouts,
-                       "default": "FSDP2" if default_fsdp(method, gpus, ddp_fits) else "DDP"}
+                       "default": "FSDP2" if default_fsdp(gpus, ddp_fits) else "DDP"}
     return {"params": params, "root_params": root, "largest_layer_params": layer, "gpus": gpus, "gpu_bytes": gpu_bytes,
             "seq_len": seq_len, "batch_per_gpu": b, "gradient_checkpointing": checkpointing, "methods": out}

@@ -35,8 +35,11 @@ LOG_FILE = "heal_log.jsonl"
 # --cuts e2 --seeds 1 --steps 40). Larger models usually want smaller rates: --lr overrides.
 DEFAULT_LR = {"router": 1e-2, "lora": 3e-3, "full": 3e-4}
 DEFAULT_EVAL_FRACTION = 0.1
-# Without --steps/--epochs heal passes DEFAULT_EPOCHS times over the cache's training share,
-# at most MAX_DEFAULT_STEPS steps (analysis/results/heal_defaults_sweep.md).
+# Without --steps/--epochs heal passes DEFAULT_EPOCHS times over the cache's training share
+# (analysis/results/heal_defaults_sweep.md: 1 epoch left some nano cuts near half the KL, 2
+# cleared it), at most MAX_DEFAULT_STEPS steps: at 64 sequences of 4096 tokens a step that
+# is 5.2B teacher tokens, the scale NVIDIA's Minitron runs started to pay off at (DESIGN §10),
+# so a huge cache does not silently turn into weeks of training; --steps/--epochs go past it.
 DEFAULT_EPOCHS = 2.0
 MAX_DEFAULT_STEPS = 20_000
 # Logits of more positions than this (x vocabulary x 4 bytes) are computed in chunks whose

@@ -85,7 +85,7 @@ def run_heal(reduced_arg: str, teacher_arg: str, out: Path, opts: HealOptions, *
     if opts.batch_size % world:
         raise UsageError(f"--batch-size {opts.batch_size}: must be a multiple of the {world} ranks (each takes an equal slice)")
     if opts.fsdp is None:
-        opts = replace(opts, fsdp=default_fsdp(opts.method, world, _replica_fits(reduced, opts, accelerator.device, cache.seq_len, world)))
+        opts = replace(opts, fsdp=default_fsdp(world, _replica_fits(reduced, opts, accelerator.device, cache.seq_len, world)))
     cache.verify()  # a corrupt shard is found now, not hours into training
     planned = sum(reduced.info(n).nbytes for n in weight_names(reduced)) + (1 << 20)
     od = open_on_main_rank(out, state=accelerator.state, source=reduced_arg, overwrite=overwrite, resume=resume,

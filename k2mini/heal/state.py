@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,9 @@ def save(work: Path, student: torch.nn.Module, optimizer, scheduler, step: int, 
     if _main():
         shutil.rmtree(target, ignore_errors=True)  # a save of the same step a killed run left half-written
     _barrier()
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=target)
+    with warnings.catch_warnings():  # DCP warns on every single-process save that it is one
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=target, no_dist=not dist.is_initialized())
     _barrier()
     if _main():
         tmp = work / (POINTER + ".tmp")
@@ -79,7 +82,7 @@ def load(work: Path, student: torch.nn.Module, optimizer, scheduler) -> dict[str
     meta = json.loads(pointer.read_text())
     model_sd, optim_sd = get_state_dict(student, optimizer, options=_options())
     state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=work / meta["dir"])
+    dcp.load(state, checkpoint_id=work / meta["dir"], no_dist=not dist.is_initialized())
     set_state_dict(student, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=_options())
     scheduler.load_state_dict(meta["scheduler"])
     return meta
