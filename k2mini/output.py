@@ -17,10 +17,12 @@ fail at once with a clear message instead of interleaving shards.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from k2mini.checkpoint.source import refuse_output_inside
@@ -179,28 +181,31 @@ class OutputDir:
         self._release()
 
 
-def open_on_main_rank(out: str | os.PathLike, *, state, prepare=None, **kwargs) -> OutputDir | None:
-    """An ``OutputDir`` for a data-parallel run (``state``: accelerate's PartialState):
-    rank 0 opens and locks it (then calls ``prepare(od)``, which may refuse), and every rank
-    raises the same error if either fails, instead of the others hanging at a barrier.
-    Returns the OutputDir on rank 0 (the caller exits it), None elsewhere; every rank may
-    write into ``partial_dir(out)`` once this returns."""
+@contextlib.contextmanager
+def open_on_main_rank(out: str | os.PathLike, *, state, prepare=None, **kwargs) -> Iterator[OutputDir | None]:
+    """``with open_on_main_rank(...) as od``: an ``OutputDir`` for a data-parallel run
+    (``state``: accelerate's PartialState). Rank 0 opens and locks it (then calls
+    ``prepare(od)``, which may refuse), and every rank raises the same error if either
+    fails, instead of the others hanging at a barrier. ``od`` is the OutputDir on rank 0,
+    None elsewhere; every rank may write into ``partial_dir(out)`` inside the block. The
+    lock is released when the block ends, committed or not."""
     check_output(out, **kwargs)
-    od, failure = None, [None]
-    if state.is_main_process:
-        try:
-            od = OutputDir(out, **kwargs).__enter__()
-            if prepare is not None:
-                prepare(od)
-        except Exception as exc:  # handed to every rank, which all raise it
-            failure = [exc]
-            if od is not None:
-                od.__exit__(None, None, None)
+    failure = [None]
+    with contextlib.ExitStack() as stack:
+        od = None
+        if state.is_main_process:
+            try:
+                od = stack.enter_context(OutputDir(out, **kwargs))
+                if prepare is not None:
+                    prepare(od)
+            except Exception as exc:  # handed to every rank, which all raise it
+                failure = [exc]
+                stack.close()
                 od = None
-    if state.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
+        if state.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
 
-        broadcast_object_list(failure, from_process=0)
-    if failure[0] is not None:
-        raise failure[0]
-    return od
+            broadcast_object_list(failure, from_process=0)
+        if failure[0] is not None:
+            raise failure[0]
+        yield od

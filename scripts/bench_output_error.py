@@ -15,7 +15,8 @@ import time
 import click
 import torch
 
-from k2mini.selection.output_error import Routing, elimination_order
+from k2mini.model.routing import Routing
+from k2mini.analysis.output_error import elimination_order
 
 
 @click.command()

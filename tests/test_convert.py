@@ -90,7 +90,7 @@ def test_all_kept_logits_equal_source(tiny_fixture, tmp_path):
 
 
 def reference_moe(ck: Checkpoint, layer: int, kept: list[int], cfg: dict, x: torch.Tensor) -> torch.Tensor:
-    """DESIGN §4 with the kept experts only, from the source weights (independent of transformers)."""
+    """docs/facts.md §2 with the kept experts only, from the source weights (independent of transformers)."""
     p = f"model.layers.{layer}.mlp"
     W = lambda n: ck.read(n).float()  # noqa: E731
     gate = W(f"{p}.gate.weight")[kept]

@@ -1,4 +1,4 @@
-"""FP8 block dequantization against the DESIGN §3 formula and against transformers."""
+"""FP8 block dequantization against the docs/facts.md §1 formula and against transformers."""
 
 from __future__ import annotations
 

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from k2mini.cli import cli
 from k2mini.testing import faults
 
 # Per command: random write events (the last one, the final commit, among them when more
@@ -177,13 +176,7 @@ def _convert_argv(source: Path, out: Path, *extra: str) -> list[str]:
             "--no-progress", "-o", str(out), *extra]
 
 
-@pytest.fixture
-def convert_available():
-    if "convert" not in cli.commands:
-        pytest.skip("convert has not landed yet")
-
-
-def test_convert_killed_anywhere_is_absent_or_resumable_to_the_same_bytes(ctx, source, tmp_path, convert_available):
+def test_convert_killed_anywhere_is_absent_or_resumable_to_the_same_bytes(ctx, source, tmp_path):
     out = tmp_path / "out" / "conv"
     out.parent.mkdir()
     ref_dir, n, secs = _reference(ctx, tmp_path, lambda o: _convert_argv(source, o), out)
@@ -212,7 +205,7 @@ def test_convert_killed_anywhere_is_absent_or_resumable_to_the_same_bytes(ctx, s
         assert reused, "no resumed convert re-used a finished shard"
 
 
-def test_two_converts_into_one_output_are_stopped_by_the_lock(ctx, source, tmp_path, convert_available):
+def test_two_converts_into_one_output_are_stopped_by_the_lock(ctx, source, tmp_path):
     """The first convert is held at its 3rd write event (lock taken); the second must refuse."""
     out = tmp_path / "conv"
     held = tmp_path / "held"

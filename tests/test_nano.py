@@ -7,7 +7,8 @@ import torch
 
 from k2mini.nano import data
 from k2mini.nano.study import drop_layers
-from k2mini.nano.train import LoadMeter, _NS3, balance_step
+from k2mini.model.balance import LoadMeter, balance_step
+from k2mini.nano.train import _NS3
 
 
 def test_balance_step_moves_bias_by_gamma_toward_underloaded_experts(tiny_fixture):

@@ -13,7 +13,7 @@ from k2mini.checkpoint.reader import Checkpoint
 from k2mini.cli import cli
 from k2mini.model.hf import load_checkpoint_model
 from k2mini.offload import load_offloaded, lru_hit_curve, plateau_capacity
-from k2mini.offload.cache import expert_names
+from k2mini.checkpoint.names import expert_weights
 from k2mini.offload.generate import decode
 
 
@@ -84,7 +84,7 @@ def test_tiers_and_bytes_read(ck, ids):
         st = om.cache.stats
         distinct = set(st.trace)
         # Every distinct expert was read once from the checkpoint: its FP8 bytes + scale grids.
-        expected = sum(ck.tensors[n].nbytes + ck.scale_of(n).nbytes for k in distinct for n in expert_names(*k))
+        expected = sum(ck.tensors[n].nbytes + ck.scale_of(n).nbytes for k in distinct for n in expert_weights(*k))
         assert st.disk_reads == len(distinct)
         assert st.bytes_read == expected
         assert st.lookups == len(st.trace) == st.device_hits + st.host_hits + st.disk_reads

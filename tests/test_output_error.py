@@ -5,7 +5,8 @@ import copy
 
 import torch
 
-from k2mini.selection.output_error import Routing, elimination_order, expert_outputs, relative_error, routed_output
+from k2mini.model.routing import Routing
+from k2mini.analysis.output_error import elimination_order, expert_outputs, relative_error, routed_output
 
 
 def _layer(tiny_fixture):

@@ -18,7 +18,8 @@ from k2mini.analysis.schema import Analysis
 from k2mini.analysis.tokenizer import load_tokenizer
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.cli import cli
-from k2mini.selection.output_error import Routing, expert_outputs, full_output
+from k2mini.model.routing import Routing
+from k2mini.analysis.output_error import expert_outputs, full_output
 from k2mini.selection.plan import Plan
 
 SAMPLES, SEQ, SEED = 3, 16, 3

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from every_command import BUILDS_ITS_OWN_SOURCE, cli_commands, invocations, output_of
+
 from k2mini.cli import cli
 from k2mini.testing.fixtures import REMOTE_CODE_FILES
 
@@ -80,36 +82,18 @@ def remote_code_trap(source, tmp_path, monkeypatch):
 
 
 def command_lines(src: Path, out: Path) -> dict[str, list[str]]:
-    """Each command that reads a checkpoint, with arguments that make it read (and, where it
-    writes, write) for real; in order, so that later ones can use earlier outputs."""
-    have = set(cli.commands)
-    cmds = {
-        "inspect": ["inspect", str(src)],
-        "inspect --json": ["inspect", str(src), "--json"],
-    }
-    if "analyze" in have:
-        cmds["analyze"] = ["analyze", "--source", str(src), "-o", str(out / "analysis.json"),
-                           "--samples", "2", "--seq-len", "16", "--no-plots", "--quiet", "--weight-norms"]
-    if "convert" in have:
-        cmds["convert"] = ["convert", "--source", str(src), "--layers", "2", "--experts", "4", "-o", str(out / "conv"),
-                           "--no-progress"]
-        if "analyze" in have:
-            cmds["convert --analysis"] = ["convert", "--source", str(src), "--layers", "3", "--experts", "4",
-                                          "--analysis", str(out / "analysis.json"), "-o", str(out / "conv-a"),
-                                          "--no-progress"]
-    if "convert-fast" in have:
-        cmds["convert-fast fp8"] = ["convert-fast", "--source", str(src), "--layers", "2", "--experts", "4",
-                                    "--dtype", "fp8", "-o", str(out / "fast")]
-    if "quantize" in have:
-        cmds["quantize 8"] = ["quantize", str(src), "--bits", "8", "-o", str(out / "q8"), "--quiet"]
-        cmds["quantize 4"] = ["quantize", str(src), "--bits", "4", "--group-size", "32", "-o", str(out / "q4"), "--quiet"]
-    if "validate" in have and "convert" in have:
-        cmds["validate --reference"] = ["validate", str(out / "conv"), "--reference", str(src), "--samples", "1",
-                                        "--seq-len", "8", "--max-new-tokens", "2", "--quiet", "--device", "cpu"]
-    if "run" in have:
-        cmds["run --offload"] = ["run", str(src), "--offload", "--budget", "1MB", "--prompt", "hello", "--max-new-tokens", "2",
-                                 "--device", "cpu", "--quiet"]
+    """Every command of the CLI (tests/every_command.py), plus variants that read differently;
+    in order, so that later ones can use earlier outputs."""
+    cmds = {"inspect (text)": ["inspect", str(src)]}
+    cmds.update(invocations(src, out))
+    cmds["convert (no analysis)"] = ["convert", "--source", str(src), "--layers", "2", "--experts", "4",
+                                     "-o", str(out / "conv-plain"), "--no-progress"]
+    cmds["quantize 8"] = ["quantize", str(src), "--bits", "8", "-o", str(out / "q8"), "--quiet"]
     return cmds
+
+
+def test_every_cli_command_is_in_the_guarantee_tests(tmp_path):
+    assert sorted(invocations(tmp_path, tmp_path)) == cli_commands()
 
 
 def test_every_command_leaves_the_source_unchanged_and_never_runs_its_code(source, remote_code_trap, tmp_path):
@@ -126,12 +110,15 @@ def test_every_command_leaves_the_source_unchanged_and_never_runs_its_code(sourc
         changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
         assert not changed, f"{name} changed the source: {changed}"
         remote_code_trap(name)
-    # At least the writing commands must have really run, or the check proves nothing.
+    # Every command must have really run, or the check proves nothing.
     assert all(code == 0 for code in results.values()), results
-    assert {"inspect", "analyze", "convert", "convert-fast fp8", "quantize 8", "validate --reference", "run --offload"} <= set(results)
+    assert set(cli_commands()) <= set(results)
 
 
-WRITERS = ("analyze", "quantize 8", "convert", "convert-fast fp8")
+# What a writer needs written before it can run (its other inputs).
+NEEDS = {"convert": ["analyze"], "heal": ["analyze", "convert", "teacher"]}
+WRITERS = [c for c in cli_commands() if c not in BUILDS_ITS_OWN_SOURCE and c in invocations(Path("s"), Path("o"))
+           and output_of(invocations(Path("s"), Path("o"))[c]) is not None]
 
 
 @pytest.mark.parametrize("name", WRITERS)
@@ -145,11 +132,14 @@ def test_output_inside_the_source_is_refused(source, tmp_path, name, where):
         link = tmp_path / "alias"
         os.symlink(source, link)
         target = link / "out"
-    cmds = command_lines(source, target)
-    if name not in cmds:
-        pytest.skip(f"{name} is not a command yet")
+    pre = tmp_path / "pre"
+    cmds = invocations(source, pre)
+    for need in NEEDS.get(name, []):
+        assert CliRunner().invoke(cli, cmds[need]).exit_code == 0, need
+    args = list(cmds[name])
+    args[args.index(str(output_of(args)))] = str(target / output_of(args).name)
     before = snapshot(source)
-    r = CliRunner().invoke(cli, cmds[name])
+    r = CliRunner().invoke(cli, args)
     assert r.exit_code == 2 and isinstance(r.exception, SystemExit), (r.output, r.exception)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "inside the source" in lines[0], r.stderr

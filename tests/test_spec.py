@@ -1,4 +1,4 @@
-"""What a config implies, checked against the published Kimi-K2 facts (DESIGN §3)."""
+"""What a config implies, checked against the published Kimi-K2 facts (docs/facts.md §1)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def k2_config():
 def test_real_k2_config_implies_139644_tensors_with_inv_freq_and_1_026e12_params(k2_config):
     spec = ModelSpec.from_config(k2_config)
     tensors = list(spec.tensors())
-    # DESIGN §3: 139,644 tensors including one rotary_emb.inv_freq per layer.
+    # docs/facts.md §1: 139,644 tensors including one rotary_emb.inv_freq per layer.
     assert len(tensors) + spec.num_hidden_layers == 139_644
     assert round(spec.param_count() / 1e12, 3) == 1.026
     assert spec.dense_layers == [0] and len(spec.moe_layers) == 60

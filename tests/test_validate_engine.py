@@ -229,7 +229,7 @@ def test_bad_engine_flags_one_line_exit_2(output, flags, needle):
 
 
 def test_mla_presets_have_k2s_attention_head_dims(tmp_path):
-    """What vLLM's CPU MLA kernel needs (DESIGN 11), copied from Kimi-K2's own config; the
+    """What vLLM's CPU MLA kernel needs (docs/facts.md §8), copied from Kimi-K2's own config; the
     grouped preset loads in transformers with the logits of the model it was made from."""
     from pathlib import Path
 

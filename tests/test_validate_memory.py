@@ -30,7 +30,7 @@ def k2_24x16():
 
 def k2_params_by_hand(layers: int, experts: int) -> tuple[int, int]:
     """(parameters, router-bias entries) of Kimi-K2 cut to layers x experts, from the shapes
-    in DESIGN §3 (hidden 7168, q_lora 1536, kv_lora 512, 64 heads of 128+64 / 128,
+    in docs/facts.md §1 (hidden 7168, q_lora 1536, kv_lora 512, 64 heads of 128+64 / 128,
     intermediate 18432, moe_intermediate 2048, one shared expert, vocab 163840, layer 0 dense)."""
     h, vocab = 7168, 163840
     attn = (1536 * h + 1536 + 64 * 192 * 1536  # q_a_proj, q_a_layernorm, q_b_proj

@@ -1,6 +1,6 @@
 """Reduced outputs built by hand for the validate tests (independent of k2mini convert):
 keep some layers and experts of a K2-format fixture, renumber, slice routers, write BF16
-(FP8 dequantized with its scales) or FP8 pass-through, with a DESIGN §6 config. A ``mutate``
+(FP8 dequantized with its scales) or FP8 pass-through, with a docs/facts.md §4 config. A ``mutate``
 hook lets a test break the result deliberately."""
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The calibration run behind ``k2mini analyze``: layer-streamed forward pass + metrics.
 
-Layer metrics (DESIGN section 5): block influence, hidden norms, angular distance for every
+Layer metrics (docs/facts.md §3): block influence, hidden norms, angular distance for every
 block of n consecutive layers, and optionally the SLEB-style NLL increase when one layer is
 skipped. Expert metrics (frequency, mean routing weight, REAP, EAN, max activation) are
 taken from the runner's expert outputs on routed tokens only, with K2's real routing.
 
-Output-error order (selection/output_error.py): on a sample of at most
+Output-error order (analysis/output_error.py): on a sample of at most
 ``output_error_tokens`` calibration tokens, every expert's output is computed while the
 runner has that expert's weights in memory (so every expert of a MoE layer is read, also
 those no token picked), then greedy backward elimination orders the experts. The sample's
@@ -39,10 +39,12 @@ import torch
 from k2mini import __version__
 from k2mini.analysis.calibration import CalibrationSet
 from k2mini.analysis.schema import Analysis, ExpertStats, LayerStats, SourceFingerprint
+from k2mini.checkpoint.names import expert_weights, router_bias, router_weight
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.errors import UsageError
 from k2mini.model.layerwise import DEFAULT_MEMORY_BUDGET, ActivationStore, LayerObserver, LayerwiseRunner, token_nll
-from k2mini.selection.output_error import Routing, elimination_order, expert_outputs
+from k2mini.model.routing import Routing
+from k2mini.analysis.output_error import elimination_order, expert_outputs
 
 STATE_FILE = "state.pt"
 DEFAULT_OUTPUT_ERROR_TOKENS = 512
@@ -168,26 +170,18 @@ def angular_distances(last: torch.Tensor) -> dict[str, list[float]]:
 
 
 def _router_weight_stats(ck: Checkpoint, layer: int, weight_norms: bool) -> dict:
-    prefix = f"model.layers.{layer}.mlp."
-    gate = ck.read(prefix + "gate.weight").float()
+    gate = ck.read(router_weight(layer)).float()
     out = {"router_norm": gate.norm(dim=-1).tolist()}
-    bias_name = prefix + "gate.e_score_correction_bias"
+    bias_name = router_bias(layer)
     if bias_name in ck.tensors:
         out["correction_bias"] = ck.read(bias_name).float().tolist()
     if weight_norms:
         norms = []
         for e in range(gate.shape[0]):
-            sq = sum(ck.read(f"{prefix}experts.{e}.{p}.weight").float().pow(2).sum().item() for p in ("gate_proj", "up_proj", "down_proj"))
+            sq = sum(ck.read(n).float().pow(2).sum().item() for n in expert_weights(layer, e))
             norms.append(math.sqrt(sq))
         out["weight_norm"] = norms
     return out
-
-
-def _routing(c: dict, weight: torch.Tensor, bias: torch.Tensor | None) -> Routing:
-    """The runner's router (weights it already read) with the config's routing constants."""
-    bias = bias if bias is not None else torch.zeros(weight.shape[0])
-    return Routing(weight, bias, int(c["num_experts_per_tok"]), bool(c.get("norm_topk_prob", True)),
-                   float(c.get("routed_scaling_factor", 1.0)), int(c.get("n_group") or 1), int(c.get("topk_group") or 1))
 
 
 def _run_key(fp: SourceFingerprint, calib: CalibrationSet, opts: AnalyzeOptions) -> dict:
@@ -225,25 +219,7 @@ def analyze(
 
     runner = LayerwiseRunner(ck, memory_budget=opts.memory_budget, spill_dir=work / "tmp", device=opts.device)
     spilled = runner.stores.spills(n_main * seq_len * runner.hidden * 4, 4)
-    layers: list[LayerStats] = []
-    last: list[torch.Tensor] = []  # boundary last-token states of the main sequences
-    start = 0
-    h: ActivationStore | None = None
-    state_path = work / STATE_FILE
-    if resume:
-        if not state_path.is_file():
-            raise UsageError(f"--resume: no saved run in {work} (nothing to resume; run without --resume)")
-        state = torch.load(state_path, weights_only=False)
-        if state["key"] != key:
-            raise UsageError(f"--resume: the run saved in {work} used another source or other calibration/options; run without --resume")
-        start = state["next_layer"]
-        layers = [LayerStats.model_validate(d) for d in state["layers"]]
-        last = list(state["last"])
-        h = ActivationStore.open(work / f"h-{start - 1}.npy", in_memory=not spilled) if start > 0 else None
-    else:
-        if work.exists():
-            shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    start, layers, last, h = _resume_or_start(work, key, resume, in_memory=not spilled)
     if h is None:
         h = runner.embed(ids)
     obs = MetricsObserver(n_main, seq_len, n_exp, sample)
@@ -260,25 +236,9 @@ def analyze(
         if not last:
             last.append(torch.cat(obs.last_in))
         last.append(torch.cat(obs.last_out))
-        stats = LayerStats(
-            layer=layer,
-            kind="moe" if moe else "dense",
-            block_influence=1.0 - obs.cos_sum / obs.count,
-            hidden_norm=obs.norm_sum / obs.count,
-        )
-        if moe:
-            es = obs.experts.stats()
-            for k, v in _router_weight_stats(ck, layer, opts.weight_norms).items():
-                setattr(es, k, v)
-            if sample is not None:
-                es.output_error_order = elimination_order(obs.x_sample, _routing(ck.config, *obs.router), obs.outs)
-                obs.x_sample = obs.outs = obs.router = None  # free the [N, E, H] outputs before the next layer
-            stats.experts = es
-        layers.append(stats)
+        layers.append(_layer_stats(ck, layer, moe, obs, opts, sample is not None))
         h_out.save(work / f"h-{layer}.npy")
-        tmp = work / (STATE_FILE + ".tmp")
-        torch.save({"key": key, "next_layer": layer + 1, "layers": [s.model_dump() for s in layers], "last": last}, tmp)
-        tmp.replace(state_path)
+        _save_state(work, {"key": key, "next_layer": layer + 1, "layers": [s.model_dump() for s in layers], "last": last})
         h.close()
         with contextlib.suppress(FileNotFoundError):
             (work / f"h-{layer - 1}.npy").unlink()
@@ -308,6 +268,53 @@ def analyze(
     # work_dir is left in place: the caller deletes it only once the result is stored, so a
     # kill between here and that point can still --resume.
     return analysis
+
+
+def _resume_or_start(work: Path, key: dict, resume: bool, *, in_memory: bool):
+    """(first layer to run, LayerStats so far, boundary last-token states so far, the input
+    activations of the first layer or None for the embeddings): from the state a killed run
+    saved in ``work`` (--resume), else a fresh, empty work directory."""
+    state_path = work / STATE_FILE
+    if not resume:
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        return 0, [], [], None
+    if not state_path.is_file():
+        raise UsageError(f"--resume: no saved run in {work} (nothing to resume; run without --resume)")
+    state = torch.load(state_path, weights_only=False)
+    if state["key"] != key:
+        raise UsageError(f"--resume: the run saved in {work} used another source or other calibration/options; run without --resume")
+    start = state["next_layer"]
+    layers = [LayerStats.model_validate(d) for d in state["layers"]]
+    h = ActivationStore.open(work / f"h-{start - 1}.npy", in_memory=in_memory) if start > 0 else None
+    return start, layers, list(state["last"]), h
+
+
+def _layer_stats(ck: Checkpoint, layer: int, moe: bool, obs: MetricsObserver, opts: AnalyzeOptions, output_error: bool) -> LayerStats:
+    """One layer's statistics from what the observer saw (expert statistics for a MoE layer)."""
+    stats = LayerStats(
+        layer=layer,
+        kind="moe" if moe else "dense",
+        block_influence=1.0 - obs.cos_sum / obs.count,
+        hidden_norm=obs.norm_sum / obs.count,
+    )
+    if moe:
+        es = obs.experts.stats()
+        for k, v in _router_weight_stats(ck, layer, opts.weight_norms).items():
+            setattr(es, k, v)
+        if output_error:
+            es.output_error_order = elimination_order(obs.x_sample, Routing.from_config(ck.config, *obs.router), obs.outs)
+            obs.x_sample = obs.outs = obs.router = None  # free the [N, E, H] outputs before the next layer
+        stats.experts = es
+    return stats
+
+
+def _save_state(work: Path, state: dict) -> None:
+    """What --resume continues from, replaced atomically after each layer."""
+    tmp = work / (STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(work / STATE_FILE)
 
 
 @torch.no_grad()

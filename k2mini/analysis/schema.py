@@ -73,7 +73,7 @@ class ExpertStats(BaseModel):
     correction_bias: list[float] | None = None
     weight_norm: list[float] | None = None
     # Greedy backward elimination on the block's routed output with re-routing
-    # (selection/output_error.py): expert ids, first = removed first; keep the last n.
+    # (analysis/output_error.py): expert ids, first = removed first; keep the last n.
     # None in files from before it existed or from ``analyze --no-output-error``.
     output_error_order: list[int] | None = None
 

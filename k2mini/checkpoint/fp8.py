@@ -7,7 +7,7 @@ rows) are partial and use their one scale. Dequantization is
 ``bf16(W_fp8.float() * scale_inv[i, j])`` (DeepSeek-V3's ``weight_dequant``).
 
 Why not transformers' FineGrainedFP8 dequantize: it infers the block size as
-rows // scale_rows and misreads edge-block shapes (DESIGN §3). Why not naive broadcasting
+rows // scale_rows and misreads edge-block shapes (docs/facts.md §1). Why not naive broadcasting
 (``repeat_interleave`` the grid to full size): it materialises a full fp32 scale tensor and
 runs at 0.1-0.3 GB/s on two cores. Here we walk one 128-row band at a time, so the fp32
 intermediates stay in cache and the scale is expanded only along one band's columns.

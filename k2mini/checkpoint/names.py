@@ -109,3 +109,35 @@ def rename(name: str, *, layer: int | None = None, expert: int | None = None) ->
             raise ValueError(f"{name} is not a routed-expert tensor")
         rest = f"mlp.experts.{expert}.{e.group(2)}"
     return f"model.layers.{new_layer}.{rest}"
+
+
+# -- building names (the inverse of parse_name) -----------------------------------------
+
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def layer_prefix(layer: int) -> str:
+    """``model.layers.{layer}.``: every tensor of the layer starts with it."""
+    return f"model.layers.{layer}."
+
+
+def router_weight(layer: int) -> str:
+    return f"{layer_prefix(layer)}mlp.gate.weight"
+
+
+def router_bias(layer: int) -> str:
+    """The noaux_tc correction bias (absent for other routers)."""
+    return f"{layer_prefix(layer)}mlp.gate.e_score_correction_bias"
+
+
+def expert_prefix(layer: int, expert: int) -> str:
+    return f"{layer_prefix(layer)}mlp.experts.{expert}."
+
+
+def expert_weight(layer: int, expert: int, proj: str) -> str:
+    return f"{expert_prefix(layer, expert)}{proj}.weight"
+
+
+def expert_weights(layer: int, expert: int) -> list[str]:
+    """The routed expert's gate, up and down projection weights, in that order."""
+    return [expert_weight(layer, expert, p) for p in EXPERT_PROJS]

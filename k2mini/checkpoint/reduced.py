@@ -19,7 +19,6 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from k2mini.checkpoint.safetensors_format import PlannedTensor
 from k2mini.checkpoint.source import Source
 from k2mini.checkpoint.writer import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -105,20 +104,12 @@ class ReducedCheckpoint:
         for name, data in self.files.items():
             write_file(partial / name, data)
 
-    def write_tensors(
-        self,
-        partial: Path,
-        units: Sequence[WriteUnit],
-        *,
-        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-        resume: bool = False,
-        key: str = "",
-        on_tensor: Callable[[PlannedTensor], None] | None = None,
-        after: Callable[[], dict[str, bytes]] | None = None,
-    ) -> WriteResult:
-        """The shards and index (the writer's journal makes them resumable), then
-        ``after()``'s files: reports that exist only once every tensor is produced."""
-        res = write_sharded(partial, units, max_shard_bytes=max_shard_bytes, resume=resume, key=key, on_tensor=on_tensor)
+    def write_tensors(self, partial: Path, units: Sequence[WriteUnit], *,
+                      after: Callable[[], dict[str, bytes]] | None = None, **sharding: Any) -> WriteResult:
+        """The shards and index by ``write_sharded`` (``sharding``: its max_shard_bytes, resume,
+        key, on_tensor), then ``after()``'s files: reports that exist only once every tensor
+        is produced."""
+        res = write_sharded(partial, units, **sharding)
         for name, data in (after() if after else {}).items():
             write_file(partial / name, data)
         return res

@@ -115,7 +115,8 @@ def run(
     from k2mini.convert.presets import load_preset
     from k2mini.convert.transforms import make_transform
     from k2mini.output import check_output
-    from k2mini.quantize import convert_hook  # noqa: F401  (registers --dtype int4/int8)
+    from k2mini.convert.transforms import TRANSFORMS
+    from k2mini.quantize.convert_hook import INT_TRANSFORMS
     from k2mini.selection.build import build_plan, check_plan_source
     from k2mini.selection.context import SelectOptions
     from k2mini.selection.plan import Plan
@@ -129,7 +130,7 @@ def run(
     if not dry_run:
         check_output(output, source=source, overwrite=overwrite, resume=resume, flag="--output")
     ck = Checkpoint.open(source)
-    transform = make_transform(pick(dtype, p and p.dtype, "bf16"))
+    transform = make_transform(pick(dtype, p and p.dtype, "bf16"), {**TRANSFORMS, **INT_TRANSFORMS})
     if plan_path is not None:
         if any(v is not None for v in (layers, experts, top_k, keep_layers, keep_experts, analysis, layer_strategy, expert_strategy, merge)):
             raise UsageError("--plan fixes the layers and experts; drop --layers/--experts/--top-k/--analysis/--merge/strategy flags")
@@ -244,17 +245,13 @@ def demo_cmd(out: Path, overwrite: bool):
     Example:
       k2mini demo ./k2mini-demo && ls ./k2mini-demo/reduced
     """
-    import shutil
-
-    from k2mini.testing.fixtures import build_fixture
+    from k2mini.commands.fixture import write_fixture
 
     src, red = out / "source", out / "reduced"
-    if src.exists() and any(src.iterdir()):
-        if not overwrite:
-            raise UsageError(f"{src}: exists and is not empty (pass --overwrite to rebuild the demo)")
-        shutil.rmtree(src)
+    if src.exists() and any(src.iterdir()) and not overwrite:
+        raise UsageError(f"{src}: exists and is not empty (pass --overwrite to rebuild the demo)")
     click.echo(f"1. building a tiny Kimi-K2-format FP8 checkpoint in {src} (4 layers: 1 dense + 3 MoE, 8 experts, top-2)")
-    build_fixture(src, "tiny", seed=0)
+    write_fixture(src, "tiny", flag="OUT", overwrite=overwrite, seed=0)
     click.echo(f"2. k2mini convert-fast --source {src} --layers 3 --experts 4 --output {red}")
     s = run(source=str(src), output=red, layers=3, experts=4, top_k=None, dtype=None, groups=None, preset=None,
             max_shard_size="5GB", overwrite=overwrite, resume=False, dry_run=False, as_json=False, no_progress=True,

@@ -27,7 +27,7 @@ def fixture_cmd(out: Path, preset: str, seed: int, layers: int | None, experts: 
       k2mini fixture ./k2-real-dims --preset real-dims --layers 4
       k2mini fixture ./k2-mla --preset mla-grouped      # K2's attention head dims, small hidden size
     """
-    from k2mini.testing.fixtures import PRESETS, build_fixture
+    from k2mini.testing.fixtures import PRESETS
 
     if preset not in PRESETS:
         raise UsageError(f"--preset {preset!r} is not one of {', '.join(PRESETS)}")
@@ -36,6 +36,18 @@ def fixture_cmd(out: Path, preset: str, seed: int, layers: int | None, experts: 
     overrides = {
         k: v for k, v in {"num_hidden_layers": layers, "n_routed_experts": experts, "n_shards": shards}.items() if v is not None
     }
-    fx = build_fixture(out, preset, seed=seed, **overrides)
-    click.echo(json.dumps({"path": str(fx.path), "preset": preset, "layers": fx.config["num_hidden_layers"],
+    fx = write_fixture(out, preset, flag="OUT", seed=seed, **overrides)
+    click.echo(json.dumps({"path": str(out), "preset": preset, "layers": fx.config["num_hidden_layers"],
                            "experts": fx.config["n_routed_experts"]}))
+
+
+def write_fixture(out: Path, preset: str, *, flag: str, overwrite: bool = False, seed: int = 0, **overrides):
+    """``build_fixture`` into a partial directory renamed into place when complete (as every
+    output), so a full disk or an interrupt leaves nothing at ``out`` that looks finished."""
+    from k2mini.output import OutputDir
+    from k2mini.testing.fixtures import build_fixture
+
+    with OutputDir(out, overwrite=overwrite, flag=flag) as od:
+        fx = build_fixture(od.partial, preset, seed=seed, **overrides)
+        od.commit()
+    return fx

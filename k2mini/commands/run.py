@@ -66,17 +66,11 @@ def run_cmd(src, offload, budget, host_budget, prefetch, prompt, file_, max_new_
 
     from k2mini.analysis.tokenizer import load_tokenizer
     from k2mini.checkpoint.reader import Checkpoint
-    from k2mini.offload import load_full, load_offloaded, plateau_capacity
+    from k2mini.offload import load_full, load_offloaded
     from k2mini.offload.cache import return_freed_memory_to_os
     from k2mini.offload.generate import decode
 
-    if (prompt is None) == (file_ is None):
-        raise UsageError("give exactly one of --prompt or --file")
-    if file_ is not None:
-        try:
-            prompt = file_.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"--file {file_}: cannot read it as UTF-8 text ({exc.__class__.__name__})") from None
+    prompt = _read_prompt(prompt, file_)
     if max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be >= 1")
     if not offload and (budget is not None or host_budget != "0"):
@@ -118,31 +112,54 @@ def run_cmd(src, offload, budget, host_budget, prefetch, prompt, file_, max_new_
         "memory": {"rss_before_load": baseline_rss, "rss_after_load": loaded_rss, "peak_rss": _peak_rss()},
     }
     if om is not None:
-        st = om.cache.stats
-        st.tokens = len(ids) + len(res.step_seconds)
-        report["offload_stats"] = st.summary(res.prefill_seconds + res.decode_seconds)
-        report["memory"].update({"budget": om.cache.budget, "host_budget": om.cache.host_budget,
-                                 "resident_weight_bytes": om.resident_bytes, "all_experts_bytes": om.expert_bytes,
-                                 "peak_device_tier_bytes": om.cache.peak_device_bytes,
-                                 "source_bytes_read": ck.source.bytes_read - read0})
-        if plateau:
-            cap, best = plateau_capacity(st.trace)
-            one = om.expert_bytes // om.n_experts
-            report["plateau"] = {"experts": cap, "bytes": cap * one, "hit_rate": round(best, 4),
-                                 "distinct_experts_used": len(set(st.trace))}
+        _add_offload_report(report, om, len(ids), res, ck.source.bytes_read - read0, plateau)
         om.close()
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(report["text"])
-    m = report["memory"]
-    line = f"{len(res.tokens)} tokens, {report['decode_tokens_per_second']} tok/s decode, peak RSS {format_size(m['peak_rss'], binary=True)}"
-    if om is not None:
+    click.echo(_summary_line(report, offload=om is not None), err=True)
+    sys.stderr.flush()
+
+
+def _read_prompt(prompt: str | None, file_: Path | None) -> str:
+    if (prompt is None) == (file_ is None):
+        raise UsageError("give exactly one of --prompt or --file")
+    if file_ is None:
+        return prompt
+    try:
+        return file_.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--file {file_}: cannot read it as UTF-8 text ({exc.__class__.__name__})") from None
+
+
+def _add_offload_report(report: dict, om, prompt_tokens: int, res, bytes_read: int, plateau: bool) -> None:
+    """The expert cache's figures: hit rates per tier, bytes and time per token, memory, and
+    (``plateau``) the smallest cache that would have reached the best hit rate."""
+    from k2mini.offload import plateau_capacity
+
+    st = om.cache.stats
+    st.tokens = prompt_tokens + len(res.step_seconds)
+    report["offload_stats"] = st.summary(res.prefill_seconds + res.decode_seconds)
+    report["memory"].update({"budget": om.cache.budget, "host_budget": om.cache.host_budget,
+                             "resident_weight_bytes": om.resident_bytes, "all_experts_bytes": om.expert_bytes,
+                             "peak_device_tier_bytes": om.cache.peak_device_bytes,
+                             "source_bytes_read": bytes_read})
+    if plateau:
+        cap, best = plateau_capacity(st.trace)
+        one = om.expert_bytes // om.n_experts
+        report["plateau"] = {"experts": cap, "bytes": cap * one, "hit_rate": round(best, 4),
+                             "distinct_experts_used": len(set(st.trace))}
+
+
+def _summary_line(report: dict, *, offload: bool) -> str:
+    line = (f"{report['new_tokens']} tokens, {report['decode_tokens_per_second']} tok/s decode, "
+            f"peak RSS {format_size(report['memory']['peak_rss'], binary=True)}")
+    if offload:
         s = report["offload_stats"]
         line += (f"; hit rate device {s['hit_rate']['device']:.1%} host {s['hit_rate']['host']:.1%}, "
-                 f"{s['bytes_read_per_token'] / 2**20:.1f} MiB read/token, fetch {s['fetch_ms_per_token']:.1f} ms + "
+                 f"{format_size(s['bytes_read_per_token'], binary=True)} read/token, fetch {s['fetch_ms_per_token']:.1f} ms + "
                  f"compute {s['compute_ms_per_token']:.1f} ms per token")
-        if plateau:
+        if "plateau" in report:
             line += f"; hit rate plateaus at {report['plateau']['experts']} experts ({format_size(report['plateau']['bytes'], binary=True)})"
-    click.echo(line, err=True)
-    sys.stderr.flush()
+    return line

@@ -1,4 +1,4 @@
-"""The config.json of a reduced checkpoint (DESIGN §6): native deepseek_v3, no remote code,
+"""The config.json of a reduced checkpoint (docs/facts.md §4): native deepseek_v3, no remote code,
 fields that match the kept layers and experts, and where it all came from."""
 
 from __future__ import annotations

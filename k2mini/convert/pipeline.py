@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from k2mini.checkpoint.names import Role, parse_name, rename
+from k2mini.checkpoint.names import EXPERT_PROJS, Role, expert_weight, parse_name, rename
 from k2mini.checkpoint.reader import INDEX_FILE, Checkpoint
 from k2mini.checkpoint.reduced import CONFIG_FILE, ReducedCheckpoint, companion_files, config_bytes
 from k2mini.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, WriteUnit
@@ -58,10 +58,10 @@ def plan_jobs(ck: Checkpoint, plan: Plan) -> list[TensorJob]:
                 if not experts_done:
                     for new_e, src_e in enumerate(kept[layer]):
                         group = merges[layer][new_e] if layer in merges else []
-                        for proj in ("gate_proj", "up_proj", "down_proj"):
-                            src = f"model.layers.{layer}.mlp.experts.{src_e}.{proj}.weight"
+                        for proj in EXPERT_PROJS:
+                            src = expert_weight(layer, src_e, proj)
                             # A group of one (nothing folded in) is copied like a plain prune.
-                            merge = tuple((f"model.layers.{layer}.mlp.experts.{m}.{proj}.weight", w)
+                            merge = tuple((expert_weight(layer, m, proj), w)
                                           for m, w in group) if len(group) > 1 else None
                             add(src, rename(src, layer=new, expert=new_e), merge=merge)
                     experts_done = True

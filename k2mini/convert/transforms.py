@@ -12,7 +12,7 @@ when the writer asks, and rewrites the config for the weights it emits::
         def update_config(self, cfg: dict) -> dict: ...
         def key(self) -> str: ...   # options that change the bytes (resume fingerprint)
 
-    register_transform("int4", lambda **opts: MyTransform(**opts))
+    make_transform("int4", {**TRANSFORMS, "int4": MyTransform})   # choices are passed, not registered
 
 Built in: ``bf16`` (FP8 projections dequantized block by block, everything else as
 stored) and ``fp8`` (FP8 bytes and scale grids copied untouched, quantization_config kept;
@@ -21,7 +21,7 @@ projections transformers cannot load as FP8 written BF16 and listed as not conve
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,13 +198,10 @@ _BF16 = Bf16Transform()
 TRANSFORMS: dict[str, Callable[..., Transform]] = {"bf16": Bf16Transform, "fp8": Fp8Transform}
 
 
-def register_transform(name: str, factory: Callable[..., Transform]) -> None:
-    """Make ``name`` a choice of ``convert --dtype`` (e.g. the quantizer's int4/int8)."""
-    TRANSFORMS[name] = factory
-
-
-def make_transform(name: str, **options) -> Transform:
+def make_transform(name: str, choices: Mapping[str, Callable[..., Transform]] = TRANSFORMS, **options) -> Transform:
+    """The ``--dtype`` transform among ``choices`` (a layer above adds its own, as quantize's
+    int4/int8: convert never imports a package above it)."""
     try:
-        return TRANSFORMS[name](**options)
+        return choices[name](**options)
     except KeyError:
-        raise UsageError(f"--dtype {name}: unknown output type (choose from {', '.join(sorted(TRANSFORMS))})") from None
+        raise UsageError(f"--dtype {name}: unknown output type (choose from {', '.join(sorted(choices))})") from None

@@ -1,4 +1,4 @@
-"""What heal trains: the routers, LoRA adapters, or every weight (DESIGN §10).
+"""What heal trains: the routers, LoRA adapters, or every weight (docs/facts.md §7).
 
 - ``router``: each MoE layer's gate rows by gradient. The correction bias only picks
   experts (a top-k: no gradient reaches it), so it is trained by its own rule, DeepSeek-V3's

@@ -38,7 +38,7 @@ DEFAULT_EVAL_FRACTION = 0.1
 # Without --steps/--epochs heal passes DEFAULT_EPOCHS times over the cache's training share
 # (analysis/results/heal_defaults_sweep.md: 1 epoch left some nano cuts near half the KL, 2
 # cleared it), at most MAX_DEFAULT_STEPS steps: at 64 sequences of 4096 tokens a step that
-# is 5.2B teacher tokens, the scale NVIDIA's Minitron runs started to pay off at (DESIGN §10),
+# is 5.2B teacher tokens, the scale NVIDIA's Minitron runs started to pay off at (docs/facts.md §7),
 # so a huge cache does not silently turn into weeks of training; --steps/--epochs go past it.
 DEFAULT_EPOCHS = 2.0
 MAX_DEFAULT_STEPS = 20_000
@@ -214,7 +214,7 @@ def train(model: torch.nn.Module, cache: TeacherCache, opts: HealOptions, *, wor
     Every ``save_every`` steps the ranks save a training checkpoint into ``work``; when one is
     there, training continues from it.
     """
-    from k2mini.nano.train import LoadMeter, balance_step
+    from k2mini.model.balance import LoadMeter, balance_step
 
     opts = opts.resolved()
     world, rank = accelerator.num_processes, accelerator.process_index

@@ -88,9 +88,8 @@ def run_heal(reduced_arg: str, teacher_arg: str, out: Path, opts: HealOptions, *
         opts = replace(opts, fsdp=default_fsdp(world, _replica_fits(reduced, opts, accelerator.device, cache.seq_len, world)))
     cache.verify()  # a corrupt shard is found now, not hours into training
     planned = sum(reduced.info(n).nbytes for n in weight_names(reduced)) + (1 << 20)
-    od = open_on_main_rank(out, state=accelerator.state, source=reduced_arg, overwrite=overwrite, resume=resume,
-                           planned_bytes=planned)
-    try:
+    with open_on_main_rank(out, state=accelerator.state, source=reduced_arg, overwrite=overwrite, resume=resume,
+                           planned_bytes=planned) as od:
         cuda = accelerator.device.type == "cuda"
         # On CUDA the frozen weights stay BF16 (LoRA, router); trained ones are FP32 masters
         # computed in BF16 (mixed precision); on CPU everything is FP32.
@@ -131,6 +130,3 @@ def run_heal(reduced_arg: str, teacher_arg: str, out: Path, opts: HealOptions, *
         (od.partial / REPORT).write_text(json.dumps(report, indent=1))
         od.commit()
         return block, result
-    finally:
-        if od is not None:
-            od.__exit__(None, None, None)

@@ -84,17 +84,46 @@ def unfuse_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def fill_module(module: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, *,
+                device: torch.device | None = None, requires_grad: bool = True, complete: bool = True) -> int:
+    """Put each (name, tensor) into a meta-device transformers module, one at a time (so a
+    caller streaming from a checkpoint holds one tensor beyond the module): floating tensors
+    in ``dtype`` except the router's correction bias, which stays FP32 as K2 stores it.
+    ``complete``: every parameter and buffer must then be filled. Returns the bytes placed.
+    The one way a module is filled from a checkpoint (whole model, offload, layer stream)."""
+    from k2mini.errors import CheckpointError
+
+    placed = 0
+    for name, t in tensors:
+        if t.is_floating_point() and not name.endswith("e_score_correction_bias"):
+            t = t.to(dtype)
+        if device is not None:
+            t = t.to(device)
+        prefix, _, leaf = name.rpartition(".")
+        mod = module.get_submodule(prefix)
+        if leaf in mod._parameters:
+            mod._parameters[leaf] = torch.nn.Parameter(t, requires_grad=requires_grad and t.is_floating_point())
+        elif leaf in mod._buffers:
+            mod._buffers[leaf] = t
+        else:
+            raise CheckpointError(f"tensor {name} has no place in transformers' DeepseekV3 model")
+        placed += t.nbytes
+    if complete:
+        left = [n for n, p in module.named_parameters() if p.is_meta] + [n for n, b in module.named_buffers() if b.is_meta]
+        if left:
+            raise CheckpointError(f"checkpoint has no tensor for {left[0]} ({len(left)} missing)")
+    return placed
+
+
 def build_model(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
     """A DeepseekV3ForCausalLM holding exactly ``tensors`` (K2 names); strict about keys."""
     from transformers import DeepseekV3ForCausalLM
 
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(hf_config(cfg))
-    sd = {k: v.to(dtype) if v.is_floating_point() and not k.endswith("e_score_correction_bias") else v
-          for k, v in fuse_experts(tensors).items()}
-    model.load_state_dict(sd, strict=True, assign=True)
     # Non-persistent buffers (rotary inv_freq) were created on meta: rebuild them.
     model.model.rotary_emb = type(model.model.rotary_emb)(model.config)
+    fill_module(model, fuse_experts(tensors).items(), dtype)
     return model.eval()
 
 

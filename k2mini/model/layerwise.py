@@ -24,17 +24,19 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from k2mini.checkpoint.prefetch import PrefetchedCheckpoint, Prefetcher, raw_read_order
+from k2mini.checkpoint.names import expert_weights, layer_prefix, router_bias, router_weight
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.errors import UsageError
 from k2mini.model.device import resolve_device
-from k2mini.model.hf import hf_config
+from k2mini.model.hf import fill_module, hf_config
+from k2mini.model.routing import Routing
+from k2mini.model.spec import ModelSpec
 
 DEFAULT_MEMORY_BUDGET = 4 << 30  # bytes of activations kept in RAM before spilling to disk
 DEFAULT_BATCH_TOKENS = 4096  # tokens per attention batch (whole sequences)
@@ -213,37 +215,8 @@ def _load_module(module: torch.nn.Module, ck: Checkpoint, prefix: str, dtype: to
                  device: torch.device = torch.device("cpu")) -> torch.nn.Module:
     """Fill a meta-device transformers module with the checkpoint's tensors under ``prefix``."""
     names = list(module.state_dict(keep_vars=True))
-    sd = {n: read_on(ck, prefix + n, device).to(dtype) for n in names}
-    module.load_state_dict(sd, strict=True, assign=True)
+    fill_module(module, ((n, read_on(ck, prefix + n, device)) for n in names), dtype)
     return module.eval()
-
-
-# -- routing ---------------------------------------------------------------------------
-
-
-def route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None, cfg: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """K2 / DeepSeek-V3 noaux_tc routing (DESIGN section 4): ``[T, k]`` expert ids and weights.
-
-    Sigmoid scores; the correction bias only for choosing; group-limited choice when
-    n_group > 1; the weights are the chosen sigmoid scores, normalised and scaled.
-    """
-    n_exp = gate_weight.shape[0]
-    k = int(cfg["num_experts_per_tok"])
-    n_group = int(cfg.get("n_group") or 1)
-    topk_group = int(cfg.get("topk_group") or 1)
-    scores = torch.sigmoid(x.float() @ gate_weight.float().T)
-    choice = scores + bias.float() if bias is not None else scores
-    if n_group > 1:
-        grouped = choice.view(-1, n_group, n_exp // n_group)
-        group_score = grouped.topk(2, dim=-1).values.sum(-1)
-        keep = torch.zeros_like(group_score, dtype=torch.bool)
-        keep.scatter_(1, group_score.topk(topk_group, dim=-1).indices, True)
-        choice = choice.masked_fill(~keep.repeat_interleave(n_exp // n_group, dim=1), float("-inf"))
-    idx = choice.topk(k, dim=-1).indices
-    w = scores.gather(1, idx)
-    if cfg.get("norm_topk_prob", True):
-        w = w / (w.sum(-1, keepdim=True) + 1e-20)
-    return idx, w * float(cfg.get("routed_scaling_factor", 1.0))
 
 
 # -- the runner ------------------------------------------------------------------------
@@ -287,12 +260,13 @@ class LayerwiseRunner:
         self.rotary = DeepseekV3RotaryEmbedding(self.hf_cfg).to(self.device)
         self.hidden = int(self.cfg["hidden_size"])
         self.n_layers = int(self.cfg["num_hidden_layers"])
-        self.first_dense = int(self.cfg.get("first_k_dense_replace", 0))
+        self.spec = ModelSpec.from_config(self.cfg)
+        self.first_dense = self.spec.first_k_dense_replace
         self.experts_read: dict[int, list[int]] = {}  # layer -> experts whose weights were read
         self._position_cache: dict[int, tuple] = {}
 
     def is_moe(self, layer: int) -> bool:
-        return layer >= self.first_dense and int(self.cfg.get("n_routed_experts") or 0) > 0
+        return self.spec.n_routed_experts > 0 and self.spec.is_moe(layer)
 
     # -- embeddings and head --
 
@@ -362,7 +336,7 @@ class LayerwiseRunner:
 
         obs = observer or LayerObserver()
         n_seq, seq_len, hid = h_in.shape
-        prefix = f"model.layers.{layer}."
+        prefix = layer_prefix(layer)
         with torch.device("meta"):
             block = DeepseekV3DecoderLayer(self.hf_cfg, layer)
         for part in ("input_layernorm", "self_attn", "post_attention_layernorm"):
@@ -403,16 +377,16 @@ class LayerwiseRunner:
     def _moe_routed(self, layer: int, xn: ActivationStore, obs: LayerObserver) -> ActivationStore:
         """Sum over routed experts of g_j(x) f_j(x), reading only experts with tokens (every
         expert when the observer needs them all)."""
-        prefix = f"model.layers.{layer}.mlp."
-        gate_w = read_on(self.ck, prefix + "gate.weight", self.device).float()
+        gate_w = read_on(self.ck, router_weight(layer), self.device).float()
         gate_rows = gate_w.shape[0]
-        bias_name = prefix + "gate.e_score_correction_bias"
+        bias_name = router_bias(layer)
         bias = read_on(self.ck, bias_name, self.device).float() if bias_name in self.ck.tensors else None
         x_flat = xn.flat()
         obs.moe_input(layer, x_flat, gate_w.cpu(), bias.cpu() if bias is not None else None)
         idx_parts, w_parts = [], []
+        router = Routing.from_config(self.cfg, gate_w, bias)
         for t0 in range(0, x_flat.shape[0], _EXPERT_CHUNK):
-            i, w = route(self.to_compute(x_flat[t0 : t0 + _EXPERT_CHUNK]), gate_w, bias, self.cfg)
+            i, w = router.route(self.to_compute(x_flat[t0 : t0 + _EXPERT_CHUNK]))
             idx_parts.append(i.cpu())
             w_parts.append(w.cpu())
         del gate_w
@@ -423,7 +397,7 @@ class LayerwiseRunner:
         flat_out = out.flat()
         hit = list(range(gate_rows)) if obs.needs_every_expert(layer) else torch.unique(idx).tolist()
         self.experts_read[layer] = hit
-        names = [f"{prefix}experts.{e}.{p}.weight" for e in hit for p in ("gate_proj", "up_proj", "down_proj")]
+        names = [n for e in hit for n in expert_weights(layer, e)]
         # The next experts are read while this one computes: a few tensors ahead, more where
         # the source wants reads in flight (Hub round trips), never the whole layer.
         largest = max((self.ck.info(n).nbytes for n in names), default=0)
@@ -435,10 +409,7 @@ class LayerwiseRunner:
             for e in hit:
                 # Same token order as transformers' DeepseekV3Experts: by top-k slot, then token.
                 kpos, tok = torch.where((idx == e).T)
-                ep = f"{prefix}experts.{e}."
-                wg = read_on(ck, ep + "gate_proj.weight", self.device).to(self.dtype)
-                wu = read_on(ck, ep + "up_proj.weight", self.device).to(self.dtype)
-                wd = read_on(ck, ep + "down_proj.weight", self.device).to(self.dtype)
+                wg, wu, wd = (read_on(ck, n, self.device).to(self.dtype) for n in expert_weights(layer, e))
                 if wants_weights:
                     obs.expert_weights(layer, e, wg.cpu(), wu.cpu(), wd.cpu())
                 for c0 in range(0, tok.numel(), _EXPERT_CHUNK):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from k2mini.checkpoint.fp8_grid import scale_grid_shape
-from k2mini.checkpoint.names import Role, parse_name, scale_name
+from k2mini.checkpoint.names import Role, expert_prefix, layer_prefix, parse_name, router_bias, router_weight, scale_name
 from k2mini.errors import CheckpointError
 from k2mini.model.fp8_layout import hf_module, is_skipped
 
@@ -209,7 +209,7 @@ class ModelSpec:
         yield from self._linear(f"{prefix}.down_proj.weight", h, inter)
 
     def layer_tensors(self, layer: int) -> Iterator[ExpectedTensor]:
-        h, p = self.hidden_size, f"model.layers.{layer}"
+        h, p = self.hidden_size, layer_prefix(layer).rstrip(".")
         heads, qk_head = self.num_attention_heads, self.qk_nope_head_dim + self.qk_rope_head_dim
         yield ExpectedTensor(f"{p}.input_layernorm.weight", (h,), "BF16")
         a = f"{p}.self_attn"
@@ -227,11 +227,11 @@ class ModelSpec:
         if not self.is_moe(layer):
             yield from self._mlp(f"{p}.mlp", self.intermediate_size)
             return
-        yield ExpectedTensor(f"{p}.mlp.gate.weight", (self.n_routed_experts, h), "BF16")
+        yield ExpectedTensor(router_weight(layer), (self.n_routed_experts, h), "BF16")
         if self.has_correction_bias:
-            yield ExpectedTensor(f"{p}.mlp.gate.e_score_correction_bias", (self.n_routed_experts,), "F32")
+            yield ExpectedTensor(router_bias(layer), (self.n_routed_experts,), "F32")
         for e in range(self.n_routed_experts):
-            yield from self._mlp(f"{p}.mlp.experts.{e}", self.moe_intermediate_size)
+            yield from self._mlp(expert_prefix(layer, e).rstrip("."), self.moe_intermediate_size)
         if self.n_shared_experts:
             yield from self._mlp(f"{p}.mlp.shared_experts", self.moe_intermediate_size * self.n_shared_experts)
 

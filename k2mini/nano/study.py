@@ -3,7 +3,7 @@
 A pruned model is the unpruned one with experts masked out of routing (their correction
 bias set to -1e9: sigmoid scores are in (0, 1), so a masked expert is never among the
 top-k, and the kept experts' weights are renormalised among themselves exactly as in a
-sliced checkpoint, DESIGN section 4) and decoder layers removed from the layer list.
+sliced checkpoint, docs/facts.md §2) and decoder layers removed from the layer list.
 This equals what convert writes, without a round trip through disk per configuration.
 """
 
@@ -20,7 +20,8 @@ from k2mini.model.hf import load_checkpoint_model
 from k2mini.nano.train import fast_experts
 from k2mini.selection import merge as merging
 from k2mini.selection.experts import rank_positions
-from k2mini.selection.output_error import Routing, elimination_order, expert_outputs, scores_from_order
+from k2mini.model.routing import Routing
+from k2mini.analysis.output_error import elimination_order, expert_outputs, scores_from_order
 
 MASKED = -1e9
 
@@ -37,8 +38,7 @@ def moe_layers(model) -> list[int]:
 
 
 def routing_of(model, layer: int) -> Routing:
-    g = model.model.layers[layer].mlp.gate
-    return Routing(g.weight.detach(), g.e_score_correction_bias.detach(), g.top_k, g.norm_topk_prob, g.routed_scaling_factor)
+    return Routing.of_gate(model.model.layers[layer].mlp.gate)
 
 
 @dataclass
@@ -67,7 +67,7 @@ def _nll(model, ids: torch.Tensor) -> float:
 
 @torch.no_grad()
 def calibrate(model, ids: torch.Tensor, *, layer_metrics: bool = True) -> Calibration:
-    """Expert statistics (DESIGN section 5, with the model's real routing) and layer metrics."""
+    """Expert statistics (docs/facts.md §3, with the model's real routing) and layer metrics."""
     cal = Calibration()
     captured: dict[int, torch.Tensor] = {}
     hooks = [model.model.layers[l].mlp.register_forward_pre_hook(
@@ -80,12 +80,9 @@ def calibrate(model, ids: torch.Tensor, *, layer_metrics: bool = True) -> Calibr
     for l, x in captured.items():
         mlp = model.model.layers[l].mlp
         r = routing_of(model, l)
-        scores = torch.sigmoid(x.float() @ r.weight.float().T)
-        idx = (scores + r.bias).topk(r.top_k, dim=-1).indices
-        w = scores.gather(1, idx)
-        w = w / (w.sum(-1, keepdim=True) + 1e-20) * r.scaling if r.norm_topk_prob else w * r.scaling
+        idx, w = r.route(x)
+        E = r.weight.shape[0]
         outs = expert_outputs(x.float(), mlp.experts.gate_up_proj.float(), mlp.experts.down_proj.float())
-        E = scores.shape[1]
         norms = outs.norm(dim=-1)  # [T, E]
         freq, ean, gsum = torch.zeros(E), torch.zeros(E), torch.zeros(E)
         for k in range(r.top_k):

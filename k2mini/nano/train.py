@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from k2mini.model.balance import LoadMeter, balance_step
 from k2mini.model.hf import hf_config
 from k2mini.nano import data
 from k2mini.testing.fixtures import FixtureSpec, k2_config
@@ -136,35 +137,6 @@ def make_optimizers(model, cfg: NanoConfig) -> list[torch.optim.Optimizer]:
         BatchedMuon(mats, lr=cfg.lr, weight_decay=cfg.weight_decay),
         torch.optim.AdamW(rest, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)),
     ]
-
-
-class LoadMeter:
-    """Tokens routed to each expert of each MoE layer, read from the routers' top-k."""
-
-    def __init__(self, model):
-        self.gates = [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
-        self.loads = torch.zeros(len(self.gates), self.gates[0].num_experts)
-        self._hooks = [g.register_forward_hook(self._hook(i)) for i, g in enumerate(self.gates)]
-
-    def _hook(self, i):
-        def hook(module, args, out):
-            self.loads[i] += torch.bincount(out[2].flatten(), minlength=module.num_experts).float()
-        return hook
-
-    def reset(self) -> torch.Tensor:
-        loads, self.loads = self.loads, torch.zeros_like(self.loads)
-        return loads
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-
-
-@torch.no_grad()
-def balance_step(gates, loads: torch.Tensor, gamma: float) -> None:
-    """DeepSeek-V3 auxiliary-loss-free balancing: bias += gamma * sign(mean load - load)."""
-    for gate, load in zip(gates, loads):
-        gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
 
 
 @torch.no_grad()

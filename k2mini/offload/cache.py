@@ -27,10 +27,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from k2mini.checkpoint import fp8
+from k2mini.checkpoint.names import expert_weights
 from k2mini.offload.stats import OffloadStats
 
 Key = tuple[int, int]  # (layer, expert)
-PROJ = ("gate_proj", "up_proj", "down_proj")
 def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
     """Make glibc serve every allocation of ``threshold`` bytes or more with its own mmap.
 
@@ -48,10 +48,6 @@ def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
         return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
-
-
-def expert_names(layer: int, expert: int) -> list[str]:
-    return [f"model.layers.{layer}.mlp.experts.{expert}.{p}.weight" for p in PROJ]
 
 
 class ExpertCache:
@@ -79,7 +75,7 @@ class ExpertCache:
 
     def expert_bytes(self, key: Key) -> int:
         """Bytes one expert takes in the device tier (compute dtype)."""
-        n = sum(self.ck.info(name).numel for name in expert_names(*key))
+        n = sum(self.ck.info(name).numel for name in expert_weights(*key))
         return n * torch.empty((), dtype=self.dtype).element_size()
 
     @property
@@ -219,7 +215,7 @@ class ExpertCache:
 
     def _read(self, key: Key):
         raw, nbytes = [], 0
-        for name in expert_names(*key):
+        for name in expert_weights(*key):
             if self.ck.is_fp8(name):
                 w, s = self.ck.read_fp8(name)
                 nbytes += w.nbytes + s.nbytes

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from k2mini.checkpoint.names import Role
+from k2mini.checkpoint.names import Role, expert_weights
 from k2mini.errors import CheckpointError
-from k2mini.model.hf import hf_config, load_checkpoint_model
-from k2mini.offload.cache import ExpertCache, expert_names
+from k2mini.model.hf import fill_module, hf_config, load_checkpoint_model
+from k2mini.offload.cache import ExpertCache
 from k2mini.offload.module import OffloadedExperts
 
 
@@ -26,17 +26,6 @@ class OffloadedModel:
 
     def close(self) -> None:
         self.cache.close()
-
-
-def _set_tensor(model: nn.Module, name: str, t: torch.Tensor) -> None:
-    prefix, _, leaf = name.rpartition(".")
-    mod = model.get_submodule(prefix)
-    if leaf in mod._parameters:
-        mod._parameters[leaf] = nn.Parameter(t, requires_grad=False)
-    elif leaf in mod._buffers:
-        mod._buffers[leaf] = t
-    else:
-        raise CheckpointError(f"tensor {name} has no place in transformers' DeepseekV3 model")
 
 
 def load_offloaded(ck, *, budget: int, host_budget: int = 0, device: str | torch.device = "cpu",
@@ -54,14 +43,8 @@ def load_offloaded(ck, *, budget: int, host_budget: int = 0, device: str | torch
     names = [n for n in ck.weight_names()
              if ck.tensors[n].parsed.role not in (Role.EXPERT, Role.INV_FREQ)
              and (ck.tensors[n].parsed.layer is None or ck.tensors[n].parsed.layer < n_layers)]  # drops an MTP layer
-    resident = 0
-    for name in tqdm(names, desc="resident weights", unit="tensor", disable=not progress):
-        t = ck.read(name)
-        if t.is_floating_point() and not name.endswith("e_score_correction_bias"):
-            t = t.to(dtype)
-        t = t.to(device)
-        _set_tensor(model, name, t)
-        resident += t.nbytes
+    resident = fill_module(model, ((n, ck.read(n)) for n in tqdm(names, desc="resident weights", unit="tensor", disable=not progress)),
+                           dtype, device=device, requires_grad=False, complete=False)
     # Non-persistent buffers (rotary inv_freq) were created on meta: rebuild them on the device.
     with torch.device(device):
         model.model.rotary_emb = type(model.model.rotary_emb)(model.config)
@@ -72,7 +55,7 @@ def load_offloaded(ck, *, budget: int, host_budget: int = 0, device: str | torch
     expert_bytes = 0
     for j, (i, mlp) in enumerate(moe):
         nxt = moe[j + 1] if j + 1 < len(moe) else None
-        missing = [n for e in range(mlp.experts.num_experts) for n in expert_names(i, e) if n not in ck.tensors]
+        missing = [n for e in range(mlp.experts.num_experts) for n in expert_weights(i, e) if n not in ck.tensors]
         if missing:
             raise CheckpointError(f"expert tensor {missing[0]} is not in the checkpoint", path=ck.description)
         expert_bytes += sum(cache.expert_bytes((i, e)) for e in range(mlp.experts.num_experts))

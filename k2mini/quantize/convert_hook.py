@@ -1,15 +1,15 @@
 """``k2mini convert --dtype int4|int8``: FP8 source -> BF16 -> INT in one streaming pass.
 
-Registers integer transforms in convert's Transform registry. Each selected source tensor
-is read (FP8 dequantized to BF16, routers row-sliced) by convert's own BF16 transform and
-handed straight to the integer format, so no BF16 copy of the model ever exists on disk
+Integer transforms for convert's ``--dtype`` (``INT_TRANSFORMS``, which commands/convert hands
+to ``make_transform``). Each selected source tensor is read (FP8 dequantized to BF16, routers
+row-sliced) by convert's own BF16 transform and handed straight to the integer format, so no BF16 copy of the model ever exists on disk
 or in memory: one tensor at a time, like ``--dtype bf16``.
 """
 
 from __future__ import annotations
 
 from k2mini.checkpoint.reader import Checkpoint
-from k2mini.convert.transforms import Bf16Transform, TensorJob, Transform, out_shape, register_transform, selected_bytes
+from k2mini.convert.transforms import Bf16Transform, TensorJob, Transform, out_shape, selected_bytes
 
 # --dtype name -> (bits, group size); INT4 defaults to the largest group of 128/64/32 that
 # fits each tensor (QuantOptions.auto_group), INT8 to per channel.
@@ -18,7 +18,7 @@ CHOICES = {"int4": (4, None), "int4-g64": (4, 64), "int4-g32": (4, 32), "int8": 
 
 class IntConvertTransform(Transform):
     def __init__(self, name: str):
-        # Here, not at the top: registering the names must not import compressed-tensors
+        # Here, not at the top: listing the names must not import compressed-tensors
         # (and with it transformers) for every convert run.
         from k2mini.quantize.transform import IntTransform, QuantOptions
 
@@ -54,5 +54,5 @@ class IntConvertTransform(Transform):
         return {REPORT_FILE: self.int.report(source, output).to_bytes()}
 
 
-for _name in CHOICES:
-    register_transform(_name, lambda _n=_name, **_: IntConvertTransform(_n))
+# convert --dtype choices this module adds to convert's own (commands/convert passes them).
+INT_TRANSFORMS = {name: (lambda _n=name, **_: IntConvertTransform(_n)) for name in CHOICES}

@@ -14,9 +14,10 @@ from collections.abc import Callable
 import torch
 
 from k2mini.analysis.schema import ExpertStats
+from k2mini.checkpoint.names import expert_weights, router_bias, router_weight
 from k2mini.errors import UsageError
 from k2mini.selection.context import SelectionContext
-from k2mini.selection.output_error import scores_from_order
+from k2mini.analysis.output_error import scores_from_order
 
 ExpertScorer = Callable[[SelectionContext, int], list[float]]
 EXPERT_SCORERS: dict[str, ExpertScorer] = {}
@@ -67,7 +68,7 @@ def output_error(ctx: SelectionContext, layer: int) -> list[float]:
 
     The order was computed on calibration tokens by removing, one at a time, the expert
     whose removal (tokens re-routed among the rest) changed the block's output least
-    (selection/output_error.py), so its last n experts are the greedy choice for any n.
+    (analysis/output_error.py), so its last n experts are the greedy choice for any n.
     """
     order = analysis_stats(ctx, layer, OUTPUT_ERROR).output_error_order
     if order is None:
@@ -101,11 +102,10 @@ def _fp8_norm_proxy(shape: tuple[int, ...], scale: torch.Tensor) -> float:
 def weight_proxies(ctx: SelectionContext, layer: int) -> tuple[list[float], list[float], list[float]]:
     """Router row L2 norms, correction bias, expert weight norms (read from the checkpoint)."""
     ck, E = ctx.ck, ctx.spec.n_routed_experts
-    p = f"model.layers.{layer}.mlp"
-    router = ck.read(f"{p}.gate.weight").float().norm(dim=1).tolist()
-    bias_name = f"{p}.gate.e_score_correction_bias"
+    router = ck.read(router_weight(layer)).float().norm(dim=1).tolist()
+    bias_name = router_bias(layer)
     bias = ck.read(bias_name).float().tolist() if bias_name in ck.tensors else [0.0] * E
-    weights = [[f"{p}.experts.{e}.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")] for e in range(E)]
+    weights = [expert_weights(layer, e) for e in range(E)]
     # All of the layer's scale grids at once (K2: 1152 of 3.6 KB): from the Hub they are
     # 1152 round trips, which read_many overlaps.
     scales = ck.read_many(s.name for ws in weights for w in ws if ck.is_fp8(w) and (s := ck.scale_of(w)) is not None)

@@ -191,10 +191,9 @@ def run_teacher(ck: Checkpoint, calib: CalibrationSet, tokenizer: TokenizerIdent
                              "device or dtype); rerun without --resume")
         opt_path.write_text(json.dumps(key, sort_keys=True))
 
-    od = open_on_main_rank(out, state=state, prepare=check_resume, source=source_arg, overwrite=overwrite, resume=resume,
-                           planned_bytes=planned)
     partial = partial_dir(out)
-    try:
+    with open_on_main_rank(out, state=state, prepare=check_resume, source=source_arg, overwrite=overwrite, resume=resume,
+                           planned_bytes=planned) as od:
         stats = _compute_blocks(runner, calib, blocks, partial, opts, rank, world, resume)
         state.wait_for_everyone()
         all_stats = gather_object([stats]) if world > 1 else [stats]
@@ -216,9 +215,6 @@ def run_teacher(ck: Checkpoint, calib: CalibrationSet, tokenizer: TokenizerIdent
             od.commit()
         state.wait_for_everyone()
         return manifest, all_stats
-    finally:
-        if od is not None:
-            od.__exit__(None, None, None)
 
 
 def _compute_blocks(runner: LayerwiseRunner, calib: CalibrationSet, blocks, partial: Path, opts: TeacherOptions,

@@ -169,7 +169,7 @@ def gib(n: int) -> float:
 
 
 def reduced_config(cfg: dict[str, Any], layers: int, experts: int) -> dict[str, Any]:
-    """The DESIGN §6 config of ``cfg`` cut to ``layers`` x ``experts`` (no weights needed)."""
+    """The docs/facts.md §4 config of ``cfg`` cut to ``layers`` x ``experts`` (no weights needed)."""
     out = {k: v for k, v in cfg.items() if k not in ("auto_map", "quantization_config")}
     n_group = int(cfg.get("n_group") or 1)
     if experts % n_group or experts // n_group < 2:

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from k2mini.checkpoint.names import expert_weight, layer_prefix, router_weight
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.model.device import resolve_device
+from k2mini.model.spec import ModelSpec
 from k2mini.validate.report import Finding, ModuleStat, RouterStat, RunReport
 from k2mini.validate.static import ALL, FP16_MAX
 
@@ -143,17 +145,17 @@ def _weights_agree(model, ck: Checkpoint, findings: list[Finding]) -> None:
     cfg = ck.config
     if (cfg.get("quantization_config") or {}).get("quant_method") not in (None, "fp8"):
         return
-    moe = [layer for layer in range(int(cfg["num_hidden_layers"])) if layer >= int(cfg.get("first_k_dense_replace") or 0)]
+    moe = ModelSpec.from_config(cfg).moe_layers
     layer = moe[0] if moe else 0
-    p = f"model.layers.{layer}"
+    p = layer_prefix(layer).rstrip(".")
     params = dict(model.named_parameters())
     checks = [(f"{p}.self_attn.kv_a_proj_with_mqa.weight", lambda w: w), (f"{p}.self_attn.o_proj.weight", lambda w: w)]
     if moe:
         inter = int(cfg["moe_intermediate_size"])
         checks += [
-            (f"{p}.mlp.gate.weight", lambda w: w),
-            (f"{p}.mlp.experts.0.gate_proj.weight", lambda w: w[0, :inter] if w.dim() == 3 else None),
-            (f"{p}.mlp.experts.0.down_proj.weight", lambda w: w[0] if w.dim() == 3 else None),
+            (router_weight(layer), lambda w: w),
+            (expert_weight(layer, 0, "gate_proj"), lambda w: w[0, :inter] if w.dim() == 3 else None),
+            (expert_weight(layer, 0, "down_proj"), lambda w: w[0] if w.dim() == 3 else None),
         ]
     fused = {"gate_proj": "gate_up_proj", "down_proj": "down_proj"}
     for name, pick in checks:
@@ -181,6 +183,73 @@ def _weights_agree(model, ck: Checkpoint, findings: list[Finding]) -> None:
 
 
 @torch.no_grad()
+def _key_findings(info: dict, findings: list[Finding]) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, mismatched) keys transformers reported on load; each kind found is an error."""
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    mismatched = sorted(str(m[0]) if isinstance(m, tuple) else str(m) for m in (info.get("mismatched_keys") or []))
+    for kind, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)):
+        if keys:
+            findings.append(Finding(check=f"run.{kind}_keys", severity="error", breaks=["transformers"],
+                                    message=f"transformers reports {len(keys)} {kind} key(s), e.g. {', '.join(keys[:3])}"))
+    return missing, unexpected, mismatched
+
+
+def _activation_findings(rec: _Recorder, logits: torch.Tensor, tdtype: torch.dtype, findings: list[Finding]) -> None:
+    """The first NaN/Inf (by module, in execution order) and activations FP16 cannot hold."""
+    if rec.first_nonfinite:
+        findings.append(Finding(check="run.nonfinite", severity="error", breaks=ALL,
+                                message=f"NaN/Inf first appears in the output of {rec.first_nonfinite} "
+                                "(forward hooks, execution order)"))
+    if not bool(torch.isfinite(logits).all()) and not rec.first_nonfinite:
+        findings.append(Finding(check="run.nonfinite", severity="error", breaks=ALL, message="logits hold NaN/Inf"))
+    worst = max(rec.stats.items(), key=lambda kv: kv[1][0], default=None)
+    if worst and worst[1][0] > FP16_MAX and tdtype is not torch.float16:
+        findings.append(Finding(check="run.fp16_overflow", severity="warning", breaks=[],
+                                message=f"activations reach {worst[1][0]:.3g} at {worst[0]}: FP16 (max 65504) would "
+                                "overflow; serve in bfloat16"))
+
+
+def _router_findings(rec: _Recorder, findings: list[Finding]) -> list[RouterStat]:
+    """Each router's statistics; expert ids out of range (error) and collapse (warning)."""
+    routers = [router_stats(layer, chunks, rec.n_experts) for layer, chunks in sorted(rec.routers.items())]
+    for r in routers:
+        if not r.indices_in_range:
+            findings.append(Finding(check="run.router_index", severity="error", breaks=ALL,
+                                    message=f"layer {r.layer} router chose expert ids outside [0, {r.experts})"))
+        if r.experts > 1 and r.max_load_share > 0.5:
+            findings.append(Finding(check="run.router_collapse", severity="warning",
+                                    message=f"layer {r.layer}: one expert takes {r.max_load_share:.0%} of routed "
+                                    "assignments (router collapse)"))
+    return routers
+
+
+def _generate(model, ids: torch.Tensor, enc, cfg: dict, device: str, max_new_tokens: int,
+              findings: list[Finding]) -> tuple[str | None, int]:
+    """Greedy generation smoke test: (text, tokens generated); NaN scores or ids outside the
+    vocabulary are errors, a failure is one."""
+    text, gen_tokens = None, 0
+    try:
+        prompt = ids[:1, : min(16, ids.shape[1])].to(device)
+        gen = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True, pad_token_id=int(cfg.get("eos_token_id") or 0))
+        new = gen.sequences[0, prompt.shape[1]:].tolist()
+        gen_tokens = len(new)
+        text = _decode(enc, new) if enc is not None else " ".join(map(str, new))
+        if any(not bool(torch.isfinite(s).any()) or bool(torch.isnan(s).any()) for s in gen.scores):
+            findings.append(Finding(check="run.generate", severity="error", breaks=ALL,
+                                    message="greedy generation produced NaN scores (sampling would fail with "
+                                    "'probability tensor contains inf/nan')"))
+        if any(t < 0 or t >= int(cfg["vocab_size"]) for t in new):
+            findings.append(Finding(check="run.generate", severity="error", breaks=ALL,
+                                    message="generated token ids outside the vocabulary"))
+    except Exception as exc:
+        msg = " ".join(str(exc).split())[:400]
+        findings.append(Finding(check="run.generate", severity="error", breaks=["transformers"],
+                                message=f"greedy generation failed: {type(exc).__name__}: {msg}"))
+    return text, gen_tokens
+
+
 def run_checks(out: str | Path, ck: Checkpoint, *, device: str = "auto", dtype: str = "auto", n_seqs: int = 4,
                seq_len: int = 128, max_new_tokens: int = 16) -> tuple[RunReport, object | None, torch.Tensor]:
     """(report, loaded model or None, held-out ids) — the model is reused by --reference."""
@@ -206,13 +275,7 @@ def run_checks(out: str | Path, ck: Checkpoint, *, device: str = "auto", dtype: 
         findings.append(Finding(check="run.load", severity="error", breaks=["transformers"],
                                 message=f"transformers could not load the checkpoint: {type(exc).__name__}: {msg}"))
         return RunReport(**empty, findings=findings), None, ids
-    missing = sorted(info.get("missing_keys") or [])
-    unexpected = sorted(info.get("unexpected_keys") or [])
-    mismatched = sorted(str(m[0]) if isinstance(m, tuple) else str(m) for m in (info.get("mismatched_keys") or []))
-    for kind, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)):
-        if keys:
-            findings.append(Finding(check=f"run.{kind}_keys", severity="error", breaks=["transformers"],
-                                    message=f"transformers reports {len(keys)} {kind} key(s), e.g. {', '.join(keys[:3])}"))
+    missing, unexpected, mismatched = _key_findings(info, findings)
     _weights_agree(model, ck, findings)
 
     rec = _Recorder(int(ck.config.get("n_routed_experts") or 0))
@@ -229,46 +292,9 @@ def run_checks(out: str | Path, ck: Checkpoint, *, device: str = "auto", dtype: 
     n_layers = int(ck.config["num_hidden_layers"])
     layers = [ModuleStat(module=f"model.layers.{i}", max_abs=rec.stats[f"model.layers.{i}"][0],
                          nonfinite=int(rec.stats[f"model.layers.{i}"][1])) for i in range(n_layers) if f"model.layers.{i}" in rec.stats]
-    if rec.first_nonfinite:
-        findings.append(Finding(check="run.nonfinite", severity="error", breaks=ALL,
-                                message=f"NaN/Inf first appears in the output of {rec.first_nonfinite} "
-                                "(forward hooks, execution order)"))
-    if not bool(torch.isfinite(logits).all()) and not rec.first_nonfinite:
-        findings.append(Finding(check="run.nonfinite", severity="error", breaks=ALL, message="logits hold NaN/Inf"))
-    worst = max(rec.stats.items(), key=lambda kv: kv[1][0], default=None)
-    if worst and worst[1][0] > FP16_MAX and tdtype is not torch.float16:
-        findings.append(Finding(check="run.fp16_overflow", severity="warning", breaks=[],
-                                message=f"activations reach {worst[1][0]:.3g} at {worst[0]}: FP16 (max 65504) would "
-                                "overflow; serve in bfloat16"))
-    routers = [router_stats(layer, chunks, rec.n_experts) for layer, chunks in sorted(rec.routers.items())]
-    for r in routers:
-        if not r.indices_in_range:
-            findings.append(Finding(check="run.router_index", severity="error", breaks=ALL,
-                                    message=f"layer {r.layer} router chose expert ids outside [0, {r.experts})"))
-        if r.experts > 1 and r.max_load_share > 0.5:
-            findings.append(Finding(check="run.router_collapse", severity="warning",
-                                    message=f"layer {r.layer}: one expert takes {r.max_load_share:.0%} of routed "
-                                    "assignments (router collapse)"))
-
-    text, gen_tokens = None, 0
-    try:
-        prompt = ids[:1, : min(16, ids.shape[1])].to(device)
-        gen = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
-                             return_dict_in_generate=True, pad_token_id=int(ck.config.get("eos_token_id") or 0))
-        new = gen.sequences[0, prompt.shape[1]:].tolist()
-        gen_tokens = len(new)
-        text = _decode(enc, new) if enc is not None else " ".join(map(str, new))
-        if any(not bool(torch.isfinite(s).any()) or bool(torch.isnan(s).any()) for s in gen.scores):
-            findings.append(Finding(check="run.generate", severity="error", breaks=ALL,
-                                    message="greedy generation produced NaN scores (sampling would fail with "
-                                    "'probability tensor contains inf/nan')"))
-        if any(t < 0 or t >= int(ck.config["vocab_size"]) for t in new):
-            findings.append(Finding(check="run.generate", severity="error", breaks=ALL,
-                                    message="generated token ids outside the vocabulary"))
-    except Exception as exc:
-        msg = " ".join(str(exc).split())[:400]
-        findings.append(Finding(check="run.generate", severity="error", breaks=["transformers"],
-                                message=f"greedy generation failed: {type(exc).__name__}: {msg}"))
+    _activation_findings(rec, logits, tdtype, findings)
+    routers = _router_findings(rec, findings)
+    text, gen_tokens = _generate(model, ids, enc, ck.config, device, max_new_tokens, findings)
     peak = int(torch.cuda.max_memory_allocated()) if cuda else None
     report = RunReport(device=device if not cuda else f"{device} ({torch.cuda.get_device_name()})", dtype=dname,
                        load_seconds=round(seconds, 3), peak_memory_bytes=peak, missing_keys=missing[:50],

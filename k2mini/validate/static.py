@@ -5,7 +5,7 @@ The header part reads no tensor data (seconds on a 1 TB directory). The value sc
 each tensor once and frees it; it is what finds a NaN in one expert or FP8 values that
 were cast to BF16 without their scales (the bug that made the seed project's model emit
 "probability tensor contains inf/nan"). Each finding names the engines it breaks (facts
-from DESIGN section 6: vLLM and SGLang check almost nothing themselves).
+from docs/facts.md §4: vLLM and SGLang check almost nothing themselves).
 """
 
 from __future__ import annotations

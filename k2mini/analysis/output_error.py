@@ -1,6 +1,6 @@
 """Output-error expert selection: keep the experts whose removal changes the MoE block's
 output least on calibration tokens, with tokens re-routed among the kept experts exactly
-as the reduced model will route them (DESIGN section 4).
+as the reduced model will route them (docs/facts.md §2).
 
 Published scores (frequency, EAN, REAP) rank experts one at a time; what matters is the
 block's output once several experts are gone and their tokens have moved to others. This
@@ -16,23 +16,9 @@ on a sample of the calibration tokens (``--output-error-tokens``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True)
-class Routing:
-    """One MoE layer's router: [E, H] weight, [E] correction bias and its constants."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor
-    top_k: int
-    norm_topk_prob: bool = True
-    scaling: float = 1.0
-    # Group-limited routing (DeepSeek-V3: 8 groups, top 4) of the unpruned model; see full_output.
-    n_group: int = 1
-    topk_group: int = 1
+from k2mini.model.routing import Routing
 
 
 def expert_outputs(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -42,15 +28,6 @@ def expert_outputs(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -
     return torch.einsum("tei,ehi->teh", torch.nn.functional.silu(g) * u, down)
 
 
-def _pick(scores: torch.Tensor, choice: torch.Tensor, kept: torch.Tensor, r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k among ``kept`` (a [E] or per-row [N, E] mask): ids [N, k] and normalised, scaled weights."""
-    idx = choice.masked_fill(~kept, float("-inf")).topk(r.top_k, dim=-1).indices
-    w = scores.gather(1, idx)
-    if r.norm_topk_prob:
-        w = w / (w.sum(-1, keepdim=True) + 1e-20)
-    return idx, w * r.scaling
-
-
 def _combine(outs: torch.Tensor, tokens: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """sum_k w_k f_{idx_k}(x_t) for each row's token t."""
     return (w[..., None] * outs[tokens[:, None], idx]).sum(1)
@@ -58,7 +35,7 @@ def _combine(outs: torch.Tensor, tokens: torch.Tensor, idx: torch.Tensor, w: tor
 
 def routed_output(scores: torch.Tensor, choice: torch.Tensor, outs: torch.Tensor, kept: torch.Tensor, r: Routing) -> torch.Tensor:
     """sum_k w_k f_k(x) with experts outside the boolean ``kept`` mask never chosen."""
-    return _combine(outs, torch.arange(outs.shape[0]), *_pick(scores, choice, kept, r))
+    return _combine(outs, torch.arange(outs.shape[0]), *r.pick(scores, choice, kept))
 
 
 def full_output(x: torch.Tensor, r: Routing, outs: torch.Tensor) -> torch.Tensor:
@@ -68,14 +45,9 @@ def full_output(x: torch.Tensor, r: Routing, outs: torch.Tensor) -> torch.Tensor
     convert's ``--groups flatten`` writes); with groups kept per group it is an approximation.
     """
     if r.n_group <= 1:
-        scores = torch.sigmoid(x.float() @ r.weight.float().T)
-        return routed_output(scores, scores + r.bias.float(), outs, torch.ones(scores.shape[1], dtype=torch.bool), r)
-    from k2mini.model.layerwise import route
-
-    cfg = {"num_experts_per_tok": r.top_k, "n_group": r.n_group, "topk_group": r.topk_group,
-           "norm_topk_prob": r.norm_topk_prob, "routed_scaling_factor": r.scaling}
-    idx, w = route(x.float(), r.weight, r.bias, cfg)
-    return _combine(outs, torch.arange(outs.shape[0]), idx, w)
+        scores = r.scores(x)
+        return routed_output(scores, r.choice(scores), outs, torch.ones(scores.shape[1], dtype=torch.bool), r)
+    return _combine(outs, torch.arange(outs.shape[0]), *r.route(x.float()))
 
 
 def elimination_order(x: torch.Tensor, r: Routing, outs: torch.Tensor, chunk_floats: int = 1 << 26) -> list[int]:
@@ -92,13 +64,13 @@ def elimination_order(x: torch.Tensor, r: Routing, outs: torch.Tensor, chunk_flo
     (pairs * k * H floats).
     """
     x = x.float()
-    scores = torch.sigmoid(x @ r.weight.float().T)
-    choice = scores + r.bias.float()
+    scores = r.scores(x)
+    choice = r.choice(scores)
     T, E = scores.shape
     k, H = r.top_k, outs.shape[-1]
     full = full_output(x, r, outs)
     kept = torch.ones(E, dtype=torch.bool)
-    cur_idx, cur_w = _pick(scores, choice, kept, r)
+    cur_idx, cur_w = r.pick(scores, choice, kept)
     cur_err = (_combine(outs, torch.arange(T), cur_idx, cur_w) - full).square().sum(-1)
     step = max(1, chunk_floats // (k * H))
     tok = torch.arange(T).repeat_interleave(k)  # pair t*k + s: token t without its s-th expert
@@ -114,7 +86,7 @@ def elimination_order(x: torch.Tensor, r: Routing, outs: torch.Tensor, chunk_flo
             t, c = tok[p], cand[p]
             mask = kept.expand(p.numel(), E).clone()
             mask[torch.arange(p.numel()), c] = False
-            i, w = _pick(scores[t], choice[t], mask, r)
+            i, w = r.pick(scores[t], choice[t], mask)
             new_idx[p] = i
             new_err[p] = (_combine(outs, t, i, w) - full[t]).square().sum(-1)
         delta = torch.zeros(E, dtype=torch.float64).index_add_(0, cand, (new_err - cur_err[tok]).double())
@@ -143,8 +115,8 @@ def scores_from_order(order: list[int]) -> list[float]:
 def relative_error(x: torch.Tensor, r: Routing, outs: torch.Tensor, kept_ids: list[int]) -> float:
     """Relative squared error of the routed output when only ``kept_ids`` remain."""
     x = x.float()
-    scores = torch.sigmoid(x @ r.weight.float().T)
-    choice = scores + r.bias.float()
+    scores = r.scores(x)
+    choice = r.choice(scores)
     full = full_output(x, r, outs)
     kept = torch.zeros(scores.shape[1], dtype=torch.bool)
     kept[kept_ids] = True
