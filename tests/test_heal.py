@@ -262,6 +262,8 @@ def _one_line(res, *needles):
     (["--lr", "-1"], ["--lr -1"]),
     (["--method", "full", "--lora-rank", "8"], ["--lora-rank", "--method full"]),
     (["--eval-fraction", "1"], ["--eval-fraction"]),
+    (["--cpu-offload"], ["--cpu-offload", "--fsdp"]),
+    (["--cpu-offload", "--fsdp"], ["--cpu-offload", "GPUs"]),
 ])
 def test_bad_flags_are_one_line(pair, tmp_path, extra, needles):
     _, reduced, teacher = pair
