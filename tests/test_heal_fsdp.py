@@ -113,3 +113,27 @@ def test_a_killed_run_resumes_from_its_sharded_checkpoint_on_any_ranks(f32_pair,
         assert all(torch.equal(a[k], b[k]) for k in a)  # the same ranks and layout: bit for bit
     else:
         assert rel < 1e-5  # resharded: the same state, summed in another order by the steps before the save
+
+
+def test_a_training_checkpoint_of_other_options_is_refused_and_one_of_the_same_restores(tmp_path):
+    from k2mini.errors import UsageError
+    from k2mini.heal import state
+
+    def setup(seed):
+        torch.manual_seed(seed)
+        m = torch.nn.Linear(3, 2)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        return m, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+
+    m, opt, sched = setup(0)
+    m(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    sched.step()
+    run = {"method": "full", "lora_rank": 16, "steps": 5}
+    state.save(tmp_path, m, opt, sched, 1, [{"step": 1}], run)
+    m2, opt2, sched2 = setup(1)
+    with pytest.raises(UsageError, match="--method full"):
+        state.load(tmp_path, m2, opt2, sched2, {**run, "method": "lora"})
+    meta = state.load(tmp_path, m2, opt2, sched2, run)
+    assert meta["step"] == 1 and meta["log"] == [{"step": 1}] and sched2.last_epoch == 1
+    assert torch.equal(m.weight, m2.weight) and torch.equal(opt.state[m.weight]["exp_avg"], opt2.state[m2.weight]["exp_avg"])

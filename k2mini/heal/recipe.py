@@ -228,7 +228,8 @@ def train(model: torch.nn.Module, cache: TeacherCache, opts: HealOptions, *, wor
     result = HealResult(train_sequences=len(train_idx), eval_sequences=len(eval_idx), ranks=world,
                         parallel="FSDP2" if opts.fsdp else "DDP" if world > 1 else "single")
     start = 0
-    resumed = state.load(work, inner, optimizer, scheduler)
+    run = {k: getattr(opts, k) for k in ("method", "lora_rank", "steps", "batch_size", "lr", "ce_weight", "seed", "eval_fraction")}
+    resumed = state.load(work, inner, optimizer, scheduler, run)
     if resumed is not None:
         result.log = [StepLog(**x) for x in resumed["log"]]
         start = result.resumed_from_step = resumed["step"]
@@ -274,7 +275,7 @@ def train(model: torch.nn.Module, cache: TeacherCache, opts: HealOptions, *, wor
                 bar.update(1)
                 bar.set_postfix(kl=f"{entry.kl:.4f}", **({"eval_kl": f"{entry.eval_kl:.4f}"} if entry.eval_kl is not None else {}))
             if not last and (step + 1) % opts.save_every == 0:
-                state.save(work, inner, optimizer, scheduler, step + 1, [asdict(x) for x in result.log])
+                state.save(work, inner, optimizer, scheduler, step + 1, [asdict(x) for x in result.log], run)
     finally:
         if bar is not None:
             bar.close()

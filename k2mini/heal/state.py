@@ -42,7 +42,7 @@ def _main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def save(work: Path, student: torch.nn.Module, optimizer, scheduler, step: int, log: list[dict]) -> None:
+def save(work: Path, student: torch.nn.Module, optimizer, scheduler, step: int, log: list[dict], run: dict[str, Any]) -> None:
     """Every rank calls this; rank 0 moves the pointer once all ranks' shards are written."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -60,7 +60,7 @@ def save(work: Path, student: torch.nn.Module, optimizer, scheduler, step: int, 
     if _main():
         tmp = work / (POINTER + ".tmp")
         with open(tmp, "w") as f:
-            json.dump({"dir": name, "step": step, "scheduler": scheduler.state_dict(), "log": log}, f)
+            json.dump({"dir": name, "step": step, "run": run, "scheduler": scheduler.state_dict(), "log": log}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, work / POINTER)
@@ -70,9 +70,10 @@ def save(work: Path, student: torch.nn.Module, optimizer, scheduler, step: int, 
     _barrier()
 
 
-def load(work: Path, student: torch.nn.Module, optimizer, scheduler) -> dict[str, Any] | None:
+def load(work: Path, student: torch.nn.Module, optimizer, scheduler, run: dict[str, Any]) -> dict[str, Any] | None:
     """Restore the last complete save into ``student``/``optimizer``/``scheduler`` (resharded to
-    this run's ranks); returns the pointer (step, log) or None when there is none."""
+    this run's ranks); returns the pointer (step, log) or None when there is none. ``run``: the
+    options that decide what is trained and in which order; a save made with others is refused."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -80,6 +81,13 @@ def load(work: Path, student: torch.nn.Module, optimizer, scheduler) -> dict[str
     if not pointer.is_file():
         return None
     meta = json.loads(pointer.read_text())
+    differ = {k: v for k, v in meta.get("run", {}).items() if run.get(k) != v}
+    if differ:
+        from k2mini.errors import UsageError
+
+        was = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in differ.items())
+        raise UsageError(f"--resume: the training checkpoint in {work} was made with {was}; give the same options, or start over "
+                         "with --overwrite")
     model_sd, optim_sd = get_state_dict(student, optimizer, options=_options())
     state = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(state, checkpoint_id=work / meta["dir"], no_dist=not dist.is_initialized())
