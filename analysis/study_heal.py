@@ -44,9 +44,10 @@ from k2mini.nano import study as S
 from k2mini.textdata import code_corpus, prose_corpus, split_documents
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CUTS = {"e2": ("2 of 32 experts", ["--layers", "9", "--experts", "2"]),
-        "e8": ("8 of 32 experts", ["--layers", "9", "--experts", "8"]),
-        "l4": ("4 of 9 layers", ["--layers", "4", "--experts", "32"])}
+# Expert cuts keep a count, not a share: on the 64-expert nano model "8 experts" is 8 of 64.
+CUTS = {"e2": ("2 experts kept", ["--layers", "9", "--experts", "2"]),
+        "e8": ("8 experts kept", ["--layers", "9", "--experts", "8"]),
+        "l4": ("4 of 9 layers, 32 experts kept", ["--layers", "4", "--experts", "32"])}
 METHODS = ["router", "lora", "full"]
 DEFAULT_SETTINGS = "router:default:default,lora:default:default,full:default:default"
 

@@ -36,10 +36,10 @@ LOG_FILE = "heal_log.jsonl"
 DEFAULT_LR = {"router": 1e-2, "lora": 3e-3, "full": 3e-4}
 DEFAULT_EVAL_FRACTION = 0.1
 # Without --steps/--epochs heal passes DEFAULT_EPOCHS times over the cache's training share
-# (analysis/results/heal_defaults_sweep.md: 1 epoch left some nano cuts near half the KL, 2
-# cleared it), at most MAX_DEFAULT_STEPS steps: at 64 sequences of 4096 tokens a step that
-# is 5.2B teacher tokens, the scale NVIDIA's Minitron runs started to pay off at (docs/facts.md §7),
-# so a huge cache does not silently turn into weeks of training; --steps/--epochs go past it.
+# (analysis/results/heal_defaults_sweep.md), at most MAX_DEFAULT_STEPS steps: at 64 sequences
+# of 4096 tokens that is 5.2B teacher tokens, twice the 2.5B that took NVIDIA's pruned
+# Nemotron-3-Nano from 32.3 to 60.4 (docs/facts.md §7), so a huge cache does not silently turn
+# into weeks of training; --steps/--epochs go past it.
 DEFAULT_EPOCHS = 2.0
 MAX_DEFAULT_STEPS = 20_000
 # Logits of more positions than this (x vocabulary x 4 bytes) are computed in chunks whose
@@ -56,7 +56,7 @@ class HealOptions:
     batch_size: int = 8  # sequences per step, all ranks together
     lora_rank: int = 16
     ce_weight: float = 0.0
-    eval_fraction: float = 0.1
+    eval_fraction: float = DEFAULT_EVAL_FRACTION
     eval_every: int | None = None  # None: about 10 evaluations per run
     save_every: int | None = None  # None: with every evaluation
     seed: int = 0
