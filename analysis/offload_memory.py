@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 
 from k2mini.checkpoint.reader import Checkpoint
-from k2mini.offload.cache import expert_names
+from k2mini.checkpoint.names import expert_weights
 
 HERE = Path(__file__).resolve().parent
 SLACK = 64 << 20
@@ -41,7 +41,7 @@ def _run(src: Path, args: list[str]) -> dict:
 def main(src: Path, budget_experts: int, full: bool) -> None:
     ck = Checkpoint.open(src)
     moe0 = int(ck.config.get("first_k_dense_replace", 0))
-    names = expert_names(moe0, 0)
+    names = expert_weights(moe0, 0)
     params = sum(ck.info(n).numel for n in names)
     fp8_bytes = sum(ck.info(n).nbytes + ck.scale_of(n).nbytes for n in names)
     one = 2 * params

@@ -2,7 +2,7 @@
 
 The study (k2mini/nano/study.py) computes each MoE layer's elimination order from the whole
 in-memory nano model; analyze computes it layer-streamed from the checkpoint, one expert's
-weights at a time. Both call selection.output_error.elimination_order; this feeds analyze the
+weights at a time. Both call analysis.output_error.elimination_order; this feeds analyze the
 study's calibration tokens (8 windows x 64 = 512, analyze's default --output-error-tokens, so
 no sampling) and counts the layers whose orders are equal.
 

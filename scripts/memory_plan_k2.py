@@ -15,7 +15,8 @@ from pathlib import Path
 import click
 
 from k2mini.validate.gpus import load_profile
-from k2mini.validate.memory import gib, plan_variants, reduced_config
+from k2mini.sizes import format_size
+from k2mini.validate.memory import plan_variants, reduced_config
 
 # A copy of the real Kimi-K2-Instruct config.json (../shared/reference/), kept in the repo so
 # nothing here depends on a file outside it.
@@ -38,15 +39,15 @@ def main(config_path: str, layers: int, experts: int, gpu: str, context: int, ba
         return
     first = next(iter(plans.values()))
     click.echo(f"Kimi-K2 reduced to {layers} layers x {experts} experts: {first.params:,} parameters")
-    click.echo(f"KV cache at {context} tokens x batch {batch}: MLA latent {gib(first.kv.latent_bytes):.2f} GiB "
-               f"({first.kv.latent_bytes_per_token:,} B/token), expanded {gib(first.kv.expanded_bytes):.2f} GiB "
-               f"({first.kv.expanded_bytes_per_token:,} B/token); activations {gib(first.activation_bytes):.2f} GiB")
+    click.echo(f"KV cache at {context} tokens x batch {batch}: MLA latent {format_size(first.kv.latent_bytes, binary=True)} "
+               f"({first.kv.latent_bytes_per_token:,} B/token), expanded {format_size(first.kv.expanded_bytes, binary=True)} "
+               f"({first.kv.expanded_bytes_per_token:,} B/token); activations {format_size(first.activation_bytes, binary=True)}")
     for d, p in plans.items():
-        by = ", ".join(f"{k} {gib(v):.2f}" for k, v in p.weights_by_dtype.items())
-        click.echo(f"{d:5s}: weights {p.weights_bytes:,} B = {gib(p.weights_bytes):.2f} GiB ({by}); "
-                   f"{gpu} {gib(p.memory_bytes):.1f} GiB: latent-cache plan needs {gib(p.needed_latent_bytes):.2f} GiB "
+        by = ", ".join(f"{k} {format_size(v, binary=True)}" for k, v in p.weights_by_dtype.items())
+        click.echo(f"{d:5s}: weights {p.weights_bytes:,} B = {format_size(p.weights_bytes, binary=True)} ({by}); "
+                   f"{gpu} {format_size(p.memory_bytes, binary=True)}: latent-cache plan needs {format_size(p.needed_latent_bytes, binary=True)} "
                    f"-> {'FITS' if p.fits_latent else 'DOES NOT FIT'}; transformers+expanded "
-                   f"{gib(p.needed_expanded_bytes):.2f} GiB -> {'fits' if p.fits_expanded else 'does not fit'}")
+                   f"{format_size(p.needed_expanded_bytes, binary=True)} -> {'fits' if p.fits_expanded else 'does not fit'}")
 
 
 if __name__ == "__main__":

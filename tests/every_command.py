@@ -37,6 +37,8 @@ def invocations(src: Path, out: Path) -> dict[str, list[str]]:
                     "--quiet"],
         "heal": ["heal", str(o / "conv"), "--teacher", str(o / "teacher"), "-o", str(o / "healed"), "--steps", "1",
                  "--batch-size", "2", "--quiet"],
+        "plan": ["plan", "-s", s, "--budget", "3MB", "--analysis", str(o / "analysis.json"), "--teacher", str(o / "teacher"),
+                 "--measure", "2", "-o", str(o / "plan.json"), "--quiet"],
         "fixture": ["fixture", str(o / "fixture")],
         "demo": ["demo", str(o / "demo")],
     }

@@ -1,5 +1,5 @@
 """Start-up cost: help and inspect import no ML library (inspect reads headers only); commands that need
-one still find it (convert --dtype int4 registers the integer transform on demand)."""
+one still find it (convert --dtype int4 gets the integer transforms from quantize when it runs)."""
 
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ def test_inspect_reads_headers_without_any_ml_library(tiny_fixture):
 
 
 def test_convert_int4_works_in_a_fresh_process(tiny_fixture, tmp_path):
-    """The integer transforms register themselves when convert needs them, not because some
-    other command module happened to be imported first."""
+    """convert hands quantize's integer transforms to make_transform itself: --dtype int4 works
+    in a fresh process, not because some other module happened to be imported first."""
     codes, heavy, stdout, out = _run(["convert-fast", "-s", tiny_fixture.path, "--layers", "3", "--experts", "4",
                               "--dtype", "int4-g32", "--dry-run", "--json", "-o", tmp_path / "o"])
     assert codes == [0], out

@@ -23,6 +23,7 @@ LAYERS = [
     "k2mini.testing.faults",
     "k2mini.cli",
     "k2mini.commands",
+    "k2mini.planner",
     "k2mini.heal | k2mini.validate | k2mini.nano | k2mini.inspection",
     "k2mini.teacher | k2mini.quantize | k2mini.offload",
     "k2mini.convert",
@@ -32,7 +33,7 @@ LAYERS = [
     "k2mini.model",
     "k2mini.output",
     "k2mini.checkpoint",
-    "k2mini.sizes | k2mini.versioned_file | k2mini.resources | k2mini.textdata",
+    "k2mini.sizes | k2mini.versioned_file | k2mini.resources | k2mini.textdata | k2mini.engine",
     "k2mini.errors",
 ]
 ROOT = "k2mini"  # the package itself (__version__) is below every layer

@@ -48,7 +48,8 @@ def _check_routes(mine: _Routes, routes: dict) -> None:
         b, order_b = idx.sort(dim=-1)
         assert torch.equal(a, b), f"layer {layer}: routed experts differ from transformers' router"
         wa, wb = mine.w[layer].gather(1, order_a), w.gather(1, order_b)
-        assert (wa - wb).abs().max() < 1e-6
+        # float32 rounding: transformers computes the logits with F.linear, we with a matmul
+        torch.testing.assert_close(wa, wb, rtol=1e-5, atol=1e-6)
 
 
 def test_stream_forward_matches_transformers(tiny_fixture):

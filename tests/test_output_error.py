@@ -3,6 +3,8 @@ on a sliced router/expert set; elimination removes an expert that is never chose
 
 import copy
 
+import pytest
+
 import torch
 
 from k2mini.model.routing import Routing
@@ -18,12 +20,16 @@ def _routing(mlp):
     return Routing(g.weight.detach(), g.e_score_correction_bias.detach().clone(), g.top_k, g.norm_topk_prob, g.routed_scaling_factor)
 
 
+def _inputs(tiny_fixture, n: int, seed: int):
+    """(layer 1's MoE, n random inputs, its routing, every expert's output on them)."""
+    mlp = _layer(tiny_fixture)
+    x = torch.randn(n, mlp.gate.weight.shape[1], generator=torch.Generator().manual_seed(seed))
+    return mlp, x, _routing(mlp), expert_outputs(x, mlp.experts.gate_up_proj, mlp.experts.down_proj)
+
+
 @torch.no_grad()
 def test_routed_output_matches_sliced_transformers_moe(tiny_fixture):
-    mlp = _layer(tiny_fixture)
-    x = torch.randn(40, mlp.gate.weight.shape[1], generator=torch.Generator().manual_seed(0))
-    r = _routing(mlp)
-    outs = expert_outputs(x, mlp.experts.gate_up_proj, mlp.experts.down_proj)
+    mlp, x, r, outs = _inputs(tiny_fixture, 40, 0)
     scores = torch.sigmoid(x @ r.weight.T)
     choice = scores + r.bias
     full = routed_output(scores, choice, outs, torch.ones(8, dtype=torch.bool), r)
@@ -45,11 +51,8 @@ def test_routed_output_matches_sliced_transformers_moe(tiny_fixture):
 
 @torch.no_grad()
 def test_unused_expert_is_eliminated_first_and_order_is_a_permutation(tiny_fixture):
-    mlp = _layer(tiny_fixture)
-    x = torch.randn(64, mlp.gate.weight.shape[1], generator=torch.Generator().manual_seed(1))
-    r = _routing(mlp)
+    _, x, r, outs = _inputs(tiny_fixture, 64, 1)
     r.bias[3] = -100.0  # never among the top-k
-    outs = expert_outputs(x, mlp.experts.gate_up_proj, mlp.experts.down_proj)
     order = elimination_order(x, r, outs)
     assert sorted(order) == list(range(8))
     assert order[0] == 3
@@ -59,3 +62,14 @@ def test_unused_expert_is_eliminated_first_and_order_is_a_permutation(tiny_fixtu
     alive = [e for e in range(8) if e not in removed]
     errs = {c: relative_error(x, r, outs, [e for e in alive if e != c]) for c in alive}
     assert order[1] == min(alive, key=lambda c: (errs[c], c))
+
+
+@torch.no_grad()
+def test_residuals_equal_the_relative_error_of_each_kept_set(tiny_fixture):
+    _, x, r, outs = _inputs(tiny_fixture, 64, 2)
+    residuals: list[float] = []
+    order = elimination_order(x, r, outs, residuals=residuals)
+    E, k = len(order), r.top_k
+    assert len(residuals) == E - k + 1
+    for i, res in enumerate(residuals):
+        assert res == pytest.approx(relative_error(x, r, outs, order[i:]), rel=1e-4, abs=1e-9)

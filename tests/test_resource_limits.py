@@ -126,12 +126,14 @@ def _enospc(args):
 # What each command needs written before it runs (its other inputs), and the commands a
 # failure injected at a point cannot reach, with the reason; every other command of the CLI
 # must end in one line when it fails there.
-NEEDS = {"convert": ["analyze"], "validate": ["analyze", "convert"], "heal": ["analyze", "convert", "teacher"]}
+NEEDS = {"convert": ["analyze"], "validate": ["analyze", "convert"], "heal": ["analyze", "convert", "teacher"],
+         "plan": ["analyze", "teacher"]}
 WRITES_NO_SHARD = {
     "inspect": "writes nothing",
     "validate": "writes nothing",
     "run": "writes nothing",
     "analyze": "writes JSON and its state, not shards (test_disk_full_while_analyze_saves_its_state_is_one_line)",
+    "plan": "writes a plan.json and a PNG, not shards",
 }
 READS_NO_TENSOR = {
     "inspect": "reads headers only",

@@ -116,7 +116,7 @@ def test_every_command_leaves_the_source_unchanged_and_never_runs_its_code(sourc
 
 
 # What a writer needs written before it can run (its other inputs).
-NEEDS = {"convert": ["analyze"], "heal": ["analyze", "convert", "teacher"]}
+NEEDS = {"convert": ["analyze"], "heal": ["analyze", "convert", "teacher"], "plan": ["analyze", "teacher"]}
 WRITERS = [c for c in cli_commands() if c not in BUILDS_ITS_OWN_SOURCE and c in invocations(Path("s"), Path("o"))
            and output_of(invocations(Path("s"), Path("o"))[c]) is not None]
 

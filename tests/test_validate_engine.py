@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from k2mini.cli import cli
 from k2mini.validate.engines import compare, disagreements
+from fake_vllm import make_engine_python
 
 SMALL = ["--samples", "2", "--seq-len", "24", "--max-new-tokens", "4", "--quiet", "--gpu", "none", "--skip", "scan"]
 
@@ -76,16 +77,6 @@ def test_a_greedy_token_ranked_clearly_lower_fails_and_a_near_tie_does_not():
 # -- the whole path, against a stand-in vLLM ----------------------------------------------------
 
 FAKE_VLLM = '''
-import os, sys
-mode = os.environ["FAKE_VLLM_MODE"]
-if mode == "broken":
-    raise ImportError("operator torchvision::nms does not exist")
-__version__ = "0.0-fake"
-
-class SamplingParams:
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
 class _Lp:
     def __init__(self, v):
         self.logprob = v
@@ -101,16 +92,7 @@ class _Req:
 
 class LLM:
     def __init__(self, model, **kw):
-        if mode == "refuse":
-            try:
-                raise ValueError("CPUFp8BlockScaledMMKernel requires AMX tile support (Sapphire Rapids or newer).")
-            except ValueError as inner:
-                raise RuntimeError("Engine core initialization failed") from inner
-        if mode == "crash":
-            os._exit(9)
-        if mode == "hang":
-            import time
-            time.sleep(60)
+        fail_as_asked()
         from transformers import AutoModelForCausalLM
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype="float32").eval()
 
@@ -132,20 +114,8 @@ class LLM:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    """An executable standing in for a venv's python: the real interpreter with the fake vllm on its path."""
-    root = tmp_path_factory.mktemp("fake-engine")
-    (root / "site" / "vllm").mkdir(parents=True)
-    (root / "site" / "vllm" / "__init__.py").write_text(FAKE_VLLM)
-    (root / "site" / "vllm" / "inputs.py").write_text("def TokensPrompt(prompt_token_ids):\n    return {'prompt_token_ids': prompt_token_ids}\n")
-    py = root / "python"
-    # validate runs `PYTHON -I WORKER ...`; -I would drop PYTHONPATH, so the stand-in drops -I.
-    py.write_text(textwrap.dedent(f"""\
-        #!/bin/sh
-        [ "$1" = "-I" ] && shift
-        PYTHONPATH={root / 'site'} exec {sys.executable} "$@"
-        """))
-    py.chmod(py.stat().st_mode | stat.S_IEXEC)
-    return py
+    """An executable standing in for a venv's python (tests/fake_vllm.py)."""
+    return make_engine_python(tmp_path_factory.mktemp("fake-engine"), FAKE_VLLM)
 
 
 @pytest.fixture(scope="module")

@@ -304,7 +304,9 @@ def _layer_stats(ck: Checkpoint, layer: int, moe: bool, obs: MetricsObserver, op
         for k, v in _router_weight_stats(ck, layer, opts.weight_norms).items():
             setattr(es, k, v)
         if output_error:
-            es.output_error_order = elimination_order(obs.x_sample, Routing.from_config(ck.config, *obs.router), obs.outs)
+            es.output_error_residual = []
+            es.output_error_order = elimination_order(obs.x_sample, Routing.from_config(ck.config, *obs.router), obs.outs,
+                                                      residuals=es.output_error_residual)
             obs.x_sample = obs.outs = obs.router = None  # free the [N, E, H] outputs before the next layer
         stats.experts = es
     return stats

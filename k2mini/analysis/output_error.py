@@ -50,7 +50,8 @@ def full_output(x: torch.Tensor, r: Routing, outs: torch.Tensor) -> torch.Tensor
     return _combine(outs, torch.arange(outs.shape[0]), *r.route(x.float()))
 
 
-def elimination_order(x: torch.Tensor, r: Routing, outs: torch.Tensor, chunk_floats: int = 1 << 26) -> list[int]:
+def elimination_order(x: torch.Tensor, r: Routing, outs: torch.Tensor, chunk_floats: int = 1 << 26,
+                      residuals: list[float] | None = None) -> list[int]:
     """Experts in the order greedy backward elimination removes them (first = least needed).
 
     Keeping the last n of the list is the greedy selection for every n >= top_k at once.
@@ -61,7 +62,8 @@ def elimination_order(x: torch.Tensor, r: Routing, outs: torch.Tensor, chunk_flo
     re-routing is kept from round to round until its token's experts change or the expert
     it brought in is removed, so a round re-routes about T*k*k/E pairs, not T*k. Ties go to
     the lower expert id. ``chunk_floats`` bounds the gathered expert outputs per step
-    (pairs * k * H floats).
+    (pairs * k * H floats). ``residuals``, when given, receives the relative squared error of
+    the routed output with 0, 1, ..., E - k experts removed (what ``k2mini plan`` scores cuts by).
     """
     x = x.float()
     scores = r.scores(x)
@@ -73,6 +75,9 @@ def elimination_order(x: torch.Tensor, r: Routing, outs: torch.Tensor, chunk_flo
     cur_idx, cur_w = r.pick(scores, choice, kept)
     cur_err = (_combine(outs, torch.arange(T), cur_idx, cur_w) - full).square().sum(-1)
     step = max(1, chunk_floats // (k * H))
+    full_sq = float(full.double().square().sum().clamp_min(1e-30))
+    if residuals is not None:
+        residuals.append(float(cur_err.double().sum()) / full_sq)
     tok = torch.arange(T).repeat_interleave(k)  # pair t*k + s: token t without its s-th expert
     new_idx = torch.empty(T * k, k, dtype=torch.long)
     new_err = torch.empty(T * k)
@@ -100,6 +105,8 @@ def elimination_order(x: torch.Tensor, r: Routing, outs: torch.Tensor, chunk_flo
         stale = (new_idx == best).any(-1)
         stale.view(T, k)[t] = True
         order.append(best)
+        if residuals is not None:
+            residuals.append(float(cur_err.double().sum()) / full_sq)
     order += sorted(kept.nonzero().flatten().tolist())
     return order
 

@@ -76,6 +76,9 @@ class ExpertStats(BaseModel):
     # (analysis/output_error.py): expert ids, first = removed first; keep the last n.
     # None in files from before it existed or from ``analyze --no-output-error``.
     output_error_order: list[int] | None = None
+    # Relative squared error of the routed output along that order: entry i with its first i
+    # experts removed (i = 0 .. E - top_k); ``k2mini plan`` scores expert counts by it.
+    output_error_residual: list[float] | None = None
 
 
 class LayerStats(BaseModel):

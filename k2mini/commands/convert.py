@@ -130,13 +130,15 @@ def run(
     if not dry_run:
         check_output(output, source=source, overwrite=overwrite, resume=resume, flag="--output")
     ck = Checkpoint.open(source)
-    transform = make_transform(pick(dtype, p and p.dtype, "bf16"), {**TRANSFORMS, **INT_TRANSFORMS})
     if plan_path is not None:
         if any(v is not None for v in (layers, experts, top_k, keep_layers, keep_experts, analysis, layer_strategy, expert_strategy, merge)):
             raise UsageError("--plan fixes the layers and experts; drop --layers/--experts/--top-k/--analysis/--merge/strategy flags")
         plan = Plan.load(plan_path)
         check_plan_source(plan, ck, str(plan_path))
+        # The plan's dtype (k2mini plan chose it with the cut) unless --dtype overrides it.
+        transform = make_transform(pick(dtype, plan.dtype or (p and p.dtype), "bf16"), {**TRANSFORMS, **INT_TRANSFORMS})
     else:
+        transform = make_transform(pick(dtype, p and p.dtype, "bf16"), {**TRANSFORMS, **INT_TRANSFORMS})
         a = Analysis.load(analysis) if analysis else None
         # Layers default to importance by skip-layer NLL when analyzed (analyze --nll), else
         # uniform; not block influence, the worst layer score in all four trained nano K2 models
@@ -163,6 +165,7 @@ def run(
             groups=pick(groups, p and p.groups, "auto"), merge=merge,
         )
         plan = build_plan(ck, opts, a, str(analysis) if analysis else None)
+    plan = plan.model_copy(update={"dtype": transform.name})
     prepared = prepare(ck, plan, transform)
     if dry_run:
         summary = do_dry_run(prepared, str(output), max_shard_bytes=shard_bytes)

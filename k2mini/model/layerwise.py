@@ -21,7 +21,7 @@ import contextlib
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,11 +211,15 @@ def read_on(ck: Checkpoint, name: str, device: torch.device) -> torch.Tensor:
     return fp8.dequantize(w.to(device), s.to(device))
 
 
+WeightHook = Callable[[str, torch.Tensor], torch.Tensor]
+
+
 def _load_module(module: torch.nn.Module, ck: Checkpoint, prefix: str, dtype: torch.dtype,
-                 device: torch.device = torch.device("cpu")) -> torch.nn.Module:
+                 device: torch.device = torch.device("cpu"), hook: WeightHook | None = None) -> torch.nn.Module:
     """Fill a meta-device transformers module with the checkpoint's tensors under ``prefix``."""
     names = list(module.state_dict(keep_vars=True))
-    fill_module(module, ((n, read_on(ck, prefix + n, device)) for n in names), dtype)
+    read = read_on if hook is None else (lambda ck, name, device: hook(name, read_on(ck, name, device)))
+    fill_module(module, ((n, read(ck, prefix + n, device)) for n in names), dtype)
     return module.eval()
 
 
@@ -243,6 +247,7 @@ class LayerwiseRunner:
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
         attn_implementation: str = "sdpa",
         device: str | torch.device = "cpu",
+        weight_hook: WeightHook | None = None,
     ):
         from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
 
@@ -263,6 +268,9 @@ class LayerwiseRunner:
         self.spec = ModelSpec.from_config(self.cfg)
         self.first_dense = self.spec.first_k_dense_replace
         self.experts_read: dict[int, list[int]] = {}  # layer -> experts whose weights were read
+        # (name, tensor) -> tensor for every decoder-layer weight read for computation (the
+        # dense and expert MLPs, attention, norms): ``k2mini plan`` fake-quantizes through it.
+        self.weight_hook = weight_hook
         self._position_cache: dict[int, tuple] = {}
 
     def is_moe(self, layer: int) -> bool:
@@ -340,7 +348,7 @@ class LayerwiseRunner:
         with torch.device("meta"):
             block = DeepseekV3DecoderLayer(self.hf_cfg, layer)
         for part in ("input_layernorm", "self_attn", "post_attention_layernorm"):
-            _load_module(getattr(block, part), self.ck, f"{prefix}{part}.", self.dtype, self.device)
+            _load_module(getattr(block, part), self.ck, f"{prefix}{part}.", self.dtype, self.device, self.weight_hook)
 
         h_out = self.stores.make(n_seq + extra_seqs, seq_len, hid, name=f"h{layer}")  # residual after attention, then layer output
         xn = self.stores.make(n_seq, seq_len, hid, name=f"x{layer}")  # post-attention norm (MLP input)
@@ -356,13 +364,14 @@ class LayerwiseRunner:
         del block.self_attn, block.input_layernorm, block.post_attention_layernorm
 
         if not self.is_moe(layer):
-            mlp = _load_module(block.mlp, self.ck, f"{prefix}mlp.", self.dtype, self.device)
+            mlp = _load_module(block.mlp, self.ck, f"{prefix}mlp.", self.dtype, self.device, self.weight_hook)
             for s0, s1 in self._batches(n_seq, seq_len):
                 h_out.data[s0:s1] = (self.to_compute(h_out.data[s0:s1]) + mlp(self.to_compute(xn.data[s0:s1]))).float().cpu()
             del mlp
         else:
             routed = self._moe_routed(layer, xn, obs)
-            shared = _load_module(block.mlp.shared_experts, self.ck, f"{prefix}mlp.shared_experts.", self.dtype, self.device)
+            shared = _load_module(block.mlp.shared_experts, self.ck, f"{prefix}mlp.shared_experts.", self.dtype, self.device,
+                                  self.weight_hook)
             for s0, s1 in self._batches(n_seq, seq_len):
                 moe = self.to_compute(routed.data[s0:s1]) + shared(self.to_compute(xn.data[s0:s1]))
                 h_out.data[s0:s1] = (self.to_compute(h_out.data[s0:s1]) + moe).float().cpu()
@@ -373,6 +382,10 @@ class LayerwiseRunner:
         for s0, s1 in self._batches(n_seq, seq_len):
             obs.layer_batch(layer, s0, s1, h_in.data[s0:s1], h_out.data[s0:s1])
         return h_out
+
+    def _expert_weight(self, ck: Checkpoint, name: str) -> torch.Tensor:
+        w = read_on(ck, name, self.device)
+        return (w if self.weight_hook is None else self.weight_hook(name, w)).to(self.dtype)
 
     def _moe_routed(self, layer: int, xn: ActivationStore, obs: LayerObserver) -> ActivationStore:
         """Sum over routed experts of g_j(x) f_j(x), reading only experts with tokens (every
@@ -409,7 +422,7 @@ class LayerwiseRunner:
             for e in hit:
                 # Same token order as transformers' DeepseekV3Experts: by top-k slot, then token.
                 kpos, tok = torch.where((idx == e).T)
-                wg, wu, wd = (read_on(ck, n, self.device).to(self.dtype) for n in expert_weights(layer, e))
+                wg, wu, wd = (self._expert_weight(ck, n) for n in expert_weights(layer, e))
                 if wants_weights:
                     obs.expert_weights(layer, e, wg.cpu(), wu.cpu(), wd.cpu())
                 for c0 in range(0, tok.numel(), _EXPERT_CHUNK):

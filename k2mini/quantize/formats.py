@@ -24,6 +24,7 @@ import torch
 from k2mini.checkpoint.names import Role, TensorName
 from k2mini.checkpoint.safetensors_format import PlannedTensor
 from k2mini.errors import CheckpointError
+from k2mini.sizes import format_size
 from k2mini.quantize import FORMATS, auto_group_size, intq
 from k2mini.quantize.policy import DEFAULT_IGNORE, is_ignored, is_linear_weight, module_of
 INT_TAGS = frozenset({"I8", "U8", "I16", "I32", "I64"})
@@ -199,7 +200,7 @@ class _LinearOnly(OutputFormat):
         return (
             f"--format {self.name}: transformers' {self.name} integration quantizes nn.Linear modules only; "
             f"the routed experts (model.layers.*.mlp.experts.*, fused 3-D parameters in transformers) stay BF16: "
-            f"{unquantized_bytes / 2**20:.1f} MiB of linear weights not stored as integers. "
+            f"{format_size(unquantized_bytes, binary=True)} of linear weights not stored as integers. "
             "Use --format compressed-tensors to quantize them."
         )
 
@@ -290,7 +291,7 @@ class QuantoFormat(_LinearOnly):
         return (
             "--format quanto: transformers cannot load pre-quantized quanto weights, so every tensor is written "
             "BF16 and transformers quantizes nn.Linear modules when it loads the model; the routed experts "
-            f"(fused 3-D parameters) stay BF16 even then: {unquantized_bytes / 2**20:.1f} MiB of linear weights. "
+            f"(fused 3-D parameters) stay BF16 even then: {format_size(unquantized_bytes, binary=True)} of linear weights. "
             "Use --format compressed-tensors for integer experts on disk and in vLLM."
         )
 

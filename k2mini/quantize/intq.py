@@ -109,3 +109,17 @@ def quantize_packed(w: torch.Tensor, bits: int, group_size: int | None) -> Quant
         ref_sq += float(wb.double().pow(2).sum())
         max_err = max(max_err, float(diff.abs().max())) if diff.numel() else max_err
     return Quantized(packed, scale, err_sq, ref_sq, max_err)
+
+
+def roundtrip(w: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
+    """The weights a loader reads back from ``quantize_packed(w)``: the integers times their
+    BF16 scales, in float32 (exact: a 4- or 8-bit integer times an 8-bit mantissa), which is
+    what compressed-tensors decompresses to when the model is loaded in float32. ``k2mini
+    plan`` scores an INT cut with these without writing it. Banded like ``quantize_packed``."""
+    out = torch.empty(w.shape, dtype=torch.float32)
+    band = max(1, _BAND_ELEMENTS // max(1, w.shape[1]))
+    for r in range(0, w.shape[0], band):
+        wb = w[r : r + band]
+        s = scales_for(wb, bits, group_size)
+        out[r : r + band] = dequantize(quantize_band(wb, s, bits), s)
+    return out

@@ -60,6 +60,9 @@ class Plan(BaseModel):
     config: PlanConfig
     analysis: str | None = None  # analysis file the scores came from
     merge_similarity: str | None = None  # "router" when pruned experts were merged (ExpertSelection.merge)
+    # Output weights as convert --dtype names them (bf16, fp8, int8, int4, int4-g64, ...);
+    # None: convert's default. `convert --plan` writes it unless --dtype says otherwise.
+    dtype: str | None = None
     notes: list[str] = Field(default_factory=list)
 
     def save(self, path: str | Path) -> None:

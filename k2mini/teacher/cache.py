@@ -13,14 +13,21 @@ tensor              shape          dtype    what
 ``topk_ids``        [n, L, k]      int32    the teacher's k most likely next tokens, best first
 ``topk_logprobs``   [n, L, k]      float16  their log-probabilities: log-softmax of the *full*
                                             logits, not renormalised over the k
-``logsumexp``       [n, L]         float32  log-sum-exp of the full logits
+``logsumexp``       [n, L]         float32  log-sum-exp of the full logits (optional, below)
 ==================  =============  =======  ===============================================
 
 The tail mass ``1 - sum(exp(topk_logprobs))`` is therefore exact up to the float16
-rounding of the kept log-probs (``logsumexp`` makes the log-probs recoverable from logits
-the student computes itself, which is what a loss needs). Per token: 8 + 6k bytes, 392 B
-at k = 64. float16 keeps about 3 significant digits: a log-prob of -10 is stored within
-0.004 nats, far below what a distillation loss resolves.
+rounding of the kept log-probs, with or without ``logsumexp``: the log-probs are already
+normalised over the full vocabulary, and that is all the heal loss reads (heal/loss.py).
+``logsumexp`` recovers the teacher's raw logits from its log-probs; the layer-streamed
+engine has it, vLLM does not return it (its ``raw_logprobs`` are log-softmax of the full
+logits, the normaliser itself is not given), so a vLLM cache has no such tensor and its
+manifest says ``"logsumexp": false``. Per token: 8 + 6k bytes (392 B at k = 64), 4 + 6k
+without the log-sum-exp. float16 keeps about 3 significant digits: a log-prob of -10 is
+stored within 0.004 nats, far below what a distillation loss resolves.
+
+The manifest's ``compute`` says how the cache was produced, not what it means: the engine
+(``layerwise`` or ``vllm``), its version and its device, dtype or parallel layout.
 
 ``TeacherCache`` is the reader ``heal`` trains from: random access by sequence index, each
 shard's sha256 checked against the manifest before its first use.
@@ -50,8 +57,13 @@ SHARD_CACHE_BYTES = 1 << 30
 TENSORS = {"input_ids": torch.int32, "topk_ids": torch.int32, "topk_logprobs": torch.float16, "logsumexp": torch.float32}
 
 
-def bytes_per_token(k: int) -> int:
-    return 4 + 4 + k * (4 + 2)
+def bytes_per_token(k: int, logsumexp: bool = True) -> int:
+    return 4 + 4 * logsumexp + k * (4 + 2)
+
+
+def tensors(logsumexp: bool) -> dict[str, torch.dtype]:
+    """The tensors of a shard, by name: all of TENSORS, or all but ``logsumexp``."""
+    return {n: t for n, t in TENSORS.items() if logsumexp or n != "logsumexp"}
 
 
 def block_file(index: int) -> str:
@@ -87,7 +99,8 @@ class TeacherManifest(BaseModel):
     dtypes: dict[str, str]
     bytes_per_token: int
     shards: list[ShardEntry]
-    compute: dict[str, str | int]  # device, dtype, ranks: how it was produced, not what it means
+    compute: dict[str, str | bool | int | float]  # engine, its version, device/dtype or parallel layout: how, not what
+    logsumexp: bool = True  # False: the shards have no logsumexp tensor (vLLM does not return it)
 
     @classmethod
     def load(cls, path: str | Path, *, flag: str = "--teacher") -> TeacherManifest:
@@ -110,20 +123,21 @@ class TeacherBatch:
     input_ids: torch.Tensor  # [B, L] int64
     topk_ids: torch.Tensor  # [B, L, k] int64
     topk_logprobs: torch.Tensor  # [B, L, k] float32
-    logsumexp: torch.Tensor  # [B, L] float32
+    logsumexp: torch.Tensor | None  # [B, L] float32; None when the cache has none
 
     @property
     def tokens(self) -> int:
         return self.input_ids.numel()
 
 
-def encode_block(input_ids: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, logsumexp: torch.Tensor) -> bytes:
+def encode_block(input_ids: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                 logsumexp: torch.Tensor | None = None) -> bytes:
     """One shard's bytes. safetensors orders tensors and writes its header deterministically,
     so the same block always gives the same bytes (what resume and N ranks are checked by)."""
     from safetensors.torch import save
 
     parts = {"input_ids": input_ids, "topk_ids": topk_ids, "topk_logprobs": topk_logprobs, "logsumexp": logsumexp}
-    return save({n: t.to(TENSORS[n]).contiguous() for n, t in parts.items()}, metadata={"format": "k2mini-teacher"})
+    return save({n: t.to(TENSORS[n]).contiguous() for n, t in parts.items() if t is not None}, metadata={"format": "k2mini-teacher"})
 
 
 def write_block(directory: Path, index: int, data: bytes) -> Path:
@@ -162,6 +176,7 @@ class TeacherCache:
         self._loaded: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._bytes = {s.file: s.bytes for s in m.shards}
         self._held = 0
+        self._tensors = tensors(m.logsumexp)
 
     @property
     def sequences(self) -> int:
@@ -209,6 +224,8 @@ class TeacherCache:
             raise UsageError(f"{where}: unreadable shard ({exc})") from None
         k, L, n = self.manifest.top_k, self.manifest.seq_len, entry.sequences
         want = {"input_ids": (n, L), "topk_ids": (n, L, k), "topk_logprobs": (n, L, k), "logsumexp": (n, L)}
+        for name in TENSORS.keys() - self._tensors.keys():
+            del want[name]
         for name, shape in want.items():
             t = tensors.get(name)
             if t is None or tuple(t.shape) != shape or t.dtype != TENSORS[name]:
@@ -229,14 +246,15 @@ class TeacherCache:
     def read(self, indices: Sequence[int]) -> TeacherBatch:
         """The given sequences, in that order (shards are loaded one at a time, so indices
         grouped by shard are cheapest: ``batches`` orders them that way)."""
-        rows: dict[str, list[torch.Tensor]] = {n: [] for n in TENSORS}
+        rows: dict[str, list[torch.Tensor]] = {n: [] for n in self._tensors}
         for seq in indices:
             i, r = self._locate(int(seq))
             shard = self._shard(i)
-            for n in TENSORS:
+            for n in self._tensors:
                 rows[n].append(shard[n][r])
         st = {n: torch.stack(v) for n, v in rows.items()}
-        return TeacherBatch(st["input_ids"].long(), st["topk_ids"].long(), st["topk_logprobs"].float(), st["logsumexp"].float())
+        lse = st["logsumexp"].float() if "logsumexp" in st else None
+        return TeacherBatch(st["input_ids"].long(), st["topk_ids"].long(), st["topk_logprobs"].float(), lse)
 
     def batches(self, batch_size: int, indices: Sequence[int] | None = None) -> Iterator[TeacherBatch]:
         """``read`` over ``indices`` (default: every sequence) in batches of ``batch_size``."""

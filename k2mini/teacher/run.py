@@ -16,6 +16,9 @@ sweep. Rank 0 owns the output directory (lock, manifest, final rename).
 
 Resume: a block file exists only once complete (written to a temporary name, fsynced,
 renamed), so --resume recomputes just the blocks that are missing.
+
+``write_cache`` (blocks, resume, manifest, publishing) is shared with the other engine,
+vLLM (teacher/vllm_engine.py), which computes the same blocks in one process of its own.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +40,7 @@ from k2mini.checkpoint.reader import Checkpoint
 from k2mini.errors import UsageError
 from k2mini.model.layerwise import DEFAULT_MEMORY_BUDGET, LayerwiseRunner
 from k2mini.teacher.cache import (
-    MANIFEST, TENSORS, ShardEntry, TeacherManifest, TokenizerIdentity, block_file, bytes_per_token, encode_block, sha256_file,
+    MANIFEST, ShardEntry, TeacherManifest, TokenizerIdentity, block_file, bytes_per_token, encode_block, sha256_file, tensors,
     write_block,
 )
 
@@ -63,9 +67,11 @@ class RankStats:
     blocks_resumed: int = 0
     sequences: int = 0
     seconds: float = 0.0
+    # /proc/self/io: includes children reaped meanwhile (vllm: the engine process, its libraries and the model)
     bytes_requested: int = 0  # bytes this process read through read() calls (page cache hits included)
     bytes_from_storage: int = 0  # bytes the kernel fetched from the disk for it
-    layer_seconds: list[float] = field(default_factory=list)
+    layer_seconds: list[float] = field(default_factory=list)  # layerwise: mean per block
+    engine: dict[str, float] = field(default_factory=dict)  # vllm: load, generate and convert seconds
 
 
 def tokenizer_identity(ck: Checkpoint, eos_id: int | None) -> TokenizerIdentity:
@@ -153,62 +159,94 @@ def _blocks(n_seq: int, per: int) -> list[tuple[int, int, int]]:
     return [(i, s0, min(n_seq, s0 + per)) for i, s0 in enumerate(range(0, n_seq, per))]
 
 
-def _options_key(fp: SourceFingerprint, calib: CalibrationSet, k: int, per: int, opts: TeacherOptions, device: torch.device) -> dict:
-    return {
-        "source": [fp.config_sha256, fp.index_sha256],
-        "corpus": calib.info.model_dump(),
-        "corpus_sha256": hashlib.sha256(calib.input_ids.to(torch.int32).numpy().tobytes()).hexdigest(),
-        "top_k": k, "block_sequences": per, "device": device.type, "dtype": str(opts.dtype).removeprefix("torch."),
-    }
+@dataclass
+class CachePlan:
+    """What every engine shares: the corpus cut into blocks, the manifest's fields, and the
+    options a --resume must match (``key``). ``compute`` goes into the manifest as is."""
+
+    fingerprint: SourceFingerprint
+    tokenizer: TokenizerIdentity
+    calib: CalibrationSet
+    top_k: int
+    block_sequences: int
+    logsumexp: bool
+    compute: dict[str, str | bool | int | float]
+
+    @property
+    def blocks(self) -> list[tuple[int, int, int]]:
+        return _blocks(self.calib.input_ids.shape[0], self.block_sequences)
+
+    def key(self) -> dict:
+        return {
+            "source": [self.fingerprint.config_sha256, self.fingerprint.index_sha256],
+            "corpus": self.calib.info.model_dump(),
+            "corpus_sha256": hashlib.sha256(self.calib.input_ids.to(torch.int32).numpy().tobytes()).hexdigest(),
+            "top_k": self.top_k, "block_sequences": self.block_sequences, "compute": self.compute,
+        }
+
+    def manifest(self, partial: Path) -> TeacherManifest:
+        n_seq, seq_len = self.calib.input_ids.shape
+        shards = [ShardEntry(file=block_file(i), first_sequence=s0, sequences=s1 - s0,
+                             bytes=(partial / block_file(i)).stat().st_size, sha256=sha256_file(partial / block_file(i)))
+                  for i, s0, s1 in self.blocks]
+        return TeacherManifest(
+            tool_version=__version__, source=self.fingerprint, tokenizer=self.tokenizer, corpus=self.calib.info,
+            seq_len=seq_len, top_k=self.top_k, sequences=n_seq, tokens=n_seq * seq_len, block_sequences=self.block_sequences,
+            dtypes={n: str(t).removeprefix("torch.") for n, t in tensors(self.logsumexp).items()},
+            bytes_per_token=bytes_per_token(self.top_k, self.logsumexp), shards=shards, compute=self.compute,
+            logsumexp=self.logsumexp,
+        )
 
 
-def run_teacher(ck: Checkpoint, calib: CalibrationSet, tokenizer: TokenizerIdentity, out: Path, opts: TeacherOptions, *,
-                source_arg: str, overwrite: bool = False, resume: bool = False) -> tuple[TeacherManifest, list[RankStats]]:
-    """Compute this rank's blocks into ``out``'s partial directory; rank 0 then writes the
-    manifest and publishes ``out``. Returns the manifest and every rank's stats."""
-    from accelerate import PartialState
+# (todo blocks, partial directory, this rank's stats) -> None: writes each block's shard
+ComputeBlocks = Callable[[list[tuple[int, int, int]], Path, RankStats], None]
+
+
+def write_cache(plan: CachePlan, out: Path, compute_blocks: ComputeBlocks, *, state, source_arg: str, overwrite: bool,
+                resume: bool) -> tuple[TeacherManifest | None, list[RankStats]]:
+    """The cache directory, whatever computes its blocks: rank 0 opens (and locks) ``out``'s
+    partial directory, checks a --resume against the interrupted run's options, every rank
+    computes its blocks (r, r + N, ...) that are not there yet, then rank 0 writes the
+    manifest and publishes ``out``. Returns the manifest (None off rank 0) and every rank's stats."""
     from accelerate.utils import gather_object
 
     from k2mini.output import open_on_main_rank, partial_dir
 
-    vocab = int(ck.config["vocab_size"])
-    check_top_k(opts.top_k, vocab)
-    runner = LayerwiseRunner(ck, dtype=opts.dtype, memory_budget=opts.memory_budget, device=opts.device)
-    n_seq, seq_len = calib.input_ids.shape
-    per = opts.block_sequences or default_block_sequences(seq_len, runner.hidden, opts.memory_budget)
-    blocks = _blocks(n_seq, per)
-    planned = n_seq * seq_len * bytes_per_token(opts.top_k) + len(blocks) * 4096
-    fp = SourceFingerprint.of(ck)
-    key = _options_key(fp, calib, opts.top_k, per, opts, runner.device)
-
-    state = PartialState(cpu=runner.device.type == "cpu")
+    n_seq, seq_len = plan.calib.input_ids.shape
+    blocks = plan.blocks
+    planned = n_seq * seq_len * bytes_per_token(plan.top_k, plan.logsumexp) + len(blocks) * 4096
+    key = plan.key()
     rank, world = state.process_index, state.num_processes
 
     def check_resume(od) -> None:
         opt_path = od.partial / OPTIONS_FILE
-        if od.resumed and opt_path.is_file() and json.loads(opt_path.read_text()) != key:
+        if od.resumed and opt_path.is_file() and json.loads(opt_path.read_text()) != json.loads(json.dumps(key)):
             raise UsageError(f"--resume {out}: the interrupted run used other options (source, corpus, --top-k, block size, "
-                             "device or dtype); rerun without --resume")
+                             "engine, device, dtype or parallel layout); rerun without --resume")
         opt_path.write_text(json.dumps(key, sort_keys=True))
 
     partial = partial_dir(out)
     with open_on_main_rank(out, state=state, prepare=check_resume, source=source_arg, overwrite=overwrite, resume=resume,
                            planned_bytes=planned) as od:
-        stats = _compute_blocks(runner, calib, blocks, partial, opts, rank, world, resume)
+        stats = RankStats(rank=rank)
+        todo = []
+        for b in blocks[rank::world]:
+            if resume and (partial / block_file(b[0])).is_file():
+                stats.blocks_resumed += 1
+            else:
+                todo.append(b)
+        r0, s0_io = _io_counters()
+        t_start = time.perf_counter()
+        if todo:
+            compute_blocks(todo, partial, stats)
+        r1, s1_io = _io_counters()
+        stats.seconds = time.perf_counter() - t_start
+        stats.bytes_requested, stats.bytes_from_storage = r1 - r0, s1_io - s0_io
         state.wait_for_everyone()
         all_stats = gather_object([stats]) if world > 1 else [stats]
         manifest = None
         if rank == 0:
-            shards = [ShardEntry(file=block_file(i), first_sequence=s0, sequences=s1 - s0,
-                                 bytes=(partial / block_file(i)).stat().st_size, sha256=sha256_file(partial / block_file(i)))
-                      for i, s0, s1 in blocks]
-            manifest = TeacherManifest(
-                tool_version=__version__, source=fp, tokenizer=tokenizer, corpus=calib.info, seq_len=seq_len,
-                top_k=opts.top_k, sequences=n_seq, tokens=n_seq * seq_len, block_sequences=per,
-                dtypes={n: str(t).removeprefix("torch.") for n, t in TENSORS.items()},
-                bytes_per_token=bytes_per_token(opts.top_k), shards=shards,
-                compute={"device": runner.device.type, "dtype": key["dtype"]},
-            )
+            manifest = plan.manifest(partial)
             manifest.save(partial / MANIFEST)
             (partial / RUN_FILE).write_text(json.dumps({"ranks": world, "stats": [s.__dict__ for s in all_stats]}, indent=1))
             (partial / OPTIONS_FILE).unlink()
@@ -217,24 +255,35 @@ def run_teacher(ck: Checkpoint, calib: CalibrationSet, tokenizer: TokenizerIdent
         return manifest, all_stats
 
 
-def _compute_blocks(runner: LayerwiseRunner, calib: CalibrationSet, blocks, partial: Path, opts: TeacherOptions,
-                    rank: int, world: int, resume: bool) -> RankStats:
-    mine = blocks[rank::world]
-    stats = RankStats(rank=rank)
-    todo = []
-    for b in mine:
-        if resume and (partial / block_file(b[0])).is_file():
-            stats.blocks_resumed += 1
-        else:
-            todo.append(b)
+def run_teacher(ck: Checkpoint, calib: CalibrationSet, tokenizer: TokenizerIdentity, out: Path, opts: TeacherOptions, *,
+                source_arg: str, overwrite: bool = False, resume: bool = False) -> tuple[TeacherManifest | None, list[RankStats]]:
+    """The layer-streamed engine: this rank's blocks computed layer by layer into ``out``."""
+    from accelerate import PartialState
+
+    vocab = int(ck.config["vocab_size"])
+    check_top_k(opts.top_k, vocab)
+    runner = LayerwiseRunner(ck, dtype=opts.dtype, memory_budget=opts.memory_budget, device=opts.device)
+    seq_len = calib.input_ids.shape[1]
+    per = opts.block_sequences or default_block_sequences(seq_len, runner.hidden, opts.memory_budget)
+    plan = CachePlan(SourceFingerprint.of(ck), tokenizer, calib, opts.top_k, per, logsumexp=True, compute={
+        "engine": "layerwise", "engine_version": __version__, "device": runner.device.type,
+        "dtype": str(opts.dtype).removeprefix("torch.")})
+    state = PartialState(cpu=runner.device.type == "cpu")
+
+    def compute(todo, partial: Path, stats: RankStats) -> None:
+        _compute_blocks(runner, calib, todo, len(plan.blocks), partial, opts, stats, state.process_index)
+
+    return write_cache(plan, out, compute, state=state, source_arg=source_arg, overwrite=overwrite, resume=resume)
+
+
+def _compute_blocks(runner: LayerwiseRunner, calib: CalibrationSet, todo, n_blocks: int, partial: Path, opts: TeacherOptions,
+                    stats: RankStats, rank: int) -> None:
     bar = None
-    if opts.progress and rank == 0 and todo:
+    if opts.progress and rank == 0:
         from tqdm import tqdm
 
         tokens = sum(s1 - s0 for _, s0, s1 in todo) * calib.input_ids.shape[1]
         bar = tqdm(total=len(todo) * (runner.n_layers + 1), unit="layer", desc=f"teacher ({tokens:,} tokens on rank 0)")
-    r0, s0_io = _io_counters()
-    t_start = time.perf_counter()
     layer_seconds = [0.0] * runner.n_layers
 
     def on_layer(layer: int, seconds: float) -> None:
@@ -244,20 +293,16 @@ def _compute_blocks(runner: LayerwiseRunner, calib: CalibrationSet, blocks, part
 
     for i, s0, s1 in todo:
         if bar is not None:
-            bar.set_postfix(block=f"{i + 1}/{len(blocks)}", seqs=f"{s0}-{s1}")
-        tensors = teacher_block(runner, calib.input_ids[s0:s1], opts.top_k, on_layer)
-        write_block(partial, i, encode_block(**tensors))
+            bar.set_postfix(block=f"{i + 1}/{n_blocks}", seqs=f"{s0}-{s1}")
+        block = teacher_block(runner, calib.input_ids[s0:s1], opts.top_k, on_layer)
+        write_block(partial, i, encode_block(**block))
         if bar is not None:
             bar.update(1)
         stats.blocks += 1
         stats.sequences += s1 - s0
     if bar is not None:
         bar.close()
-    r1, s1_io = _io_counters()
-    stats.seconds = time.perf_counter() - t_start
-    stats.bytes_requested, stats.bytes_from_storage = r1 - r0, s1_io - s0_io
     stats.layer_seconds = [s / max(1, stats.blocks) for s in layer_seconds]
-    return stats
 
 
 def estimate(ck: Checkpoint, calib: CalibrationSet, opts: TeacherOptions, probe_sequences: int = 1) -> dict:

@@ -3,7 +3,8 @@ API) and compare what it computes with transformers on the same prompts.
 
 The engine runs in a subprocess of the interpreter that has it (``--engine-python``; vLLM
 usually lives in a venv of its own, pinned to its own torch and transformers) through
-``vllm_worker.py``, which imports nothing from k2mini. Three outcomes per engine:
+``engine/vllm_worker.py`` (its ``check`` mode), which imports nothing from k2mini. Three
+outcomes per engine:
 
 - served: prompt log-probs and greedy tokens are compared with transformers' forward pass
   (float32 on CPU) over the same token ids; more than the tolerance apart is an error;
@@ -14,59 +15,22 @@ usually lives in a venv of its own, pinned to its own torch and transformers) th
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from k2mini.engine.process import check_engine_python, exit_reason, run_once, vllm_here
 from k2mini.errors import UsageError
 from k2mini.validate import ENGINE_TOLERANCE, ENGINES
 from k2mini.validate.report import EngineReport, Finding
-
-WORKER = Path(__file__).with_name("vllm_worker.py")
-_LOG_TAIL = 20
-
-
-def check_engine_python(path: str | None) -> str:
-    """The interpreter to run the engine in: ``path`` (must exist), else this one."""
-    if path is None:
-        return sys.executable
-    p = Path(path).expanduser()
-    if not p.is_file() or not os.access(p, os.X_OK):
-        raise UsageError(f"--engine-python {path}: not an executable file")
-    return str(p)
 
 
 def _not_installed(engine: str, python: str, reason: str) -> EngineReport:
     return EngineReport(engine=engine, python=python, status="not_installed", reason=reason,
                         findings=[Finding(check=f"engine.{engine}", severity="warning", breaks=[],
                                           message=f"{engine} was not checked: {reason}")])
-
-
-def _run_worker(python: str, request: dict, timeout: float) -> tuple[dict | None, str, int | None]:
-    """(result or None, tail of the engine's log, exit code or None on timeout)."""
-    with tempfile.TemporaryDirectory(prefix="k2mini-engine-") as tmp:
-        req, res, log = Path(tmp) / "request.json", Path(tmp) / "result.json", Path(tmp) / "engine.log"
-        req.write_text(json.dumps(request))
-        with open(log, "wb") as logf:
-            # A session of its own, so a timeout ends the engine's helper processes too.
-            proc = subprocess.Popen([python, "-I", str(WORKER), str(req), str(res)], stdin=subprocess.DEVNULL,
-                                    stdout=logf, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True)
-            try:
-                code: int | None = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                code = None
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-_LOG_TAIL:])
-        result = json.loads(res.read_text()) if res.exists() else None
-        return result, tail, code
 
 
 @torch.no_grad()
@@ -141,21 +105,16 @@ def check_engine(engine: str, out: str | Path, *, model, prompts: list[list[int]
         raise UsageError(f"--engine {engine}: choose one of {', '.join(ENGINES)}")
     python = check_engine_python(python)
     if python == sys.executable:
-        import importlib.util
-
-        if importlib.util.find_spec("vllm") is None:
+        if not vllm_here():
             return _not_installed(engine, python, f"no vllm in this interpreter ({python}); "
                                   "pass --engine-python with the python of a venv that has it")
     request = {"model": str(Path(out).resolve()), "prompts": prompts, "max_new_tokens": max_new_tokens,
                "max_model_len": max(len(p) for p in prompts) + max_new_tokens + 16}
     t0 = time.perf_counter()
-    result, tail, code = _run_worker(python, request, timeout)
+    result, tail, code = run_once(python, request, timeout)
     seconds = round(time.perf_counter() - t0, 3)
     if result is None:
-        why = f"did not finish within {timeout:g} s (--engine-timeout)" if code is None else \
-            f"the engine process exited with code {code} before reporting"
-        last = tail.splitlines()[-1] if tail else ""
-        result = {"status": "refused", "reason": why + (f": {' '.join(last.split())[:300]}" if last else "")}
+        result = {"status": "refused", "reason": exit_reason(code, tail, timeout)}
     status, version, reason = result["status"], result.get("version"), result.get("reason")
     common = dict(engine=engine, python=python, version=version, seconds=seconds, tolerance=tolerance)
     if status == "not_installed":

@@ -163,10 +163,6 @@ def memory_plan(
     )
 
 
-def gib(n: int) -> float:
-    return n / (1 << 30)
-
-
 
 def reduced_config(cfg: dict[str, Any], layers: int, experts: int) -> dict[str, Any]:
     """The docs/facts.md §4 config of ``cfg`` cut to ``layers`` x ``experts`` (no weights needed)."""

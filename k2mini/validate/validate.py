@@ -43,7 +43,7 @@ class ValidateOptions:
         if self.reference is not None and "run" in self.skip:
             raise UsageError("--reference needs the run check (it compares the loaded model); drop --skip run")
         if self.engines:
-            from k2mini.validate.engines import check_engine_python
+            from k2mini.engine.process import check_engine_python
 
             for e in self.engines:
                 if e not in ENGINES:
