@@ -22,10 +22,9 @@ from k2mini.sizes import format_size
                    "than full in the same steps (router: 0-29%), and at K2's 24 x 16 it fits one 80 GB GPU, full does not.")
 @click.option("--steps", type=int, default=None, help="Optimizer steps [default: from the cache, see --epochs].")
 @click.option("--epochs", type=float, default=None,
-              help="Instead of --steps: passes over the training share of the cache [default: 2, at most 20,000 steps. On five "
-                   "nano K2s (3 cuts each, 65,536-token caches) 2 epochs of lora removed 65-91% of the held-out KL in 29 of 30 "
-                   "cut x domain cells and 49% in the last (1 epoch: 65-74% on the two cuts it was run on); "
-                   "analysis/results/heal_defaults_sweep.md].")
+              help="Instead of --steps: passes over the training share of the cache [default: 3, at most 20,000 steps. On five "
+                   "nano K2s (3 cuts each, 65,536-token caches) 3 epochs of lora removed at least half of the held-out KL in "
+                   "all 30 cut x domain cells (54-93%); 2 epochs left one at 49%: analysis/results/heal_defaults_sweep.md].")
 @click.option("--lr", type=float, default=None, help="Peak learning rate [default: router 1e-2, lora 3e-3, full 3e-4, from the nano study "
               "and sweep]; transformers' linear warm-up, then cosine to 10%.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per step over all ranks (a multiple of the ranks).")
@@ -72,7 +71,7 @@ def heal_cmd(reduced, teacher, output, method, steps, epochs, lr, batch_size, lo
     with the same --batch-size train the same weights as one. The training checkpoint
     (torch.distributed.checkpoint) resumes on any number of ranks.
 
-    Amount of training: without --steps or --epochs, 2 passes over the cache's training
+    Amount of training: without --steps or --epochs, 3 passes over the cache's training
     share (its sequences less the --eval-fraction held out), at most 20,000 steps.
 
     \b

@@ -40,7 +40,7 @@ DEFAULT_EVAL_FRACTION = 0.1
 # of 4096 tokens that is 5.2B teacher tokens, twice the 2.5B that took NVIDIA's pruned
 # Nemotron-3-Nano from 32.3 to 60.4 (docs/facts.md §7), so a huge cache does not silently turn
 # into weeks of training; --steps/--epochs go past it.
-DEFAULT_EPOCHS = 2.0
+DEFAULT_EPOCHS = 3.0
 MAX_DEFAULT_STEPS = 20_000
 # Logits of more positions than this (x vocabulary x 4 bytes) are computed in chunks whose
 # activations are recomputed in backward: K2's 163,840-token vocabulary makes a batch of
