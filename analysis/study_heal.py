@@ -9,14 +9,20 @@ the product's own:
      cuts, selected as convert's defaults do (experts by output-error, layers by
      skip-layer NLL): 2 of 32 experts (K2's 16 of 384 analogue), 8 of 32, 4 of 9 layers;
   2. k2mini teacher on the train split;
-  3. heal/recipe.train (what `k2mini heal` runs) for each method and seed, in process, so
-     the test-split KL can be measured along the way (the curve).
+  3. heal/recipe.train (what `k2mini heal` runs) for each setting (method, epochs over the
+     cache's training share, learning rate) and seed, in process, so the test-split KL can be
+     measured along the way (the curve). ``default`` in a setting is heal's own default, so a
+     row ``lora:default:default`` is exactly what `k2mini heal` does without flags (it also
+     holds out heal's default eval share of the cache).
 Evaluation: KL(unpruned || model) per token and perplexity on fixed test windows of each
 domain, before healing and after each method; seeds change the data order and LoRA's
 initialisation.
 
   python analysis/study_heal.py --models muon=/work/nano_k2/muon_balanced,adamw=/work/nano_k2/adamw_balanced
-  python analysis/study_heal.py --models muon=/work/nano_k2/muon_balanced --cuts e2 --seeds 1 --steps 40   # a probe
+  python analysis/study_heal.py --models muon=/work/nano_k2/muon_balanced --cuts e2 --seeds 1 --settings lora:1:3e-3   # a probe
+  # the defaults sweep (one piece per model and cut, then combined):
+  python analysis/study_heal.py --models m=DIR --cuts e8 --seeds 1 --no-curve --settings lora:default:default,lora:1:3e-3 --out sweep_m_e8
+  python analysis/study_heal.py --combine analysis/results/sweep_*_*.json --out heal_defaults_sweep
 Needs the checkpoints from scripts/train_nano_k2.py (--optimizer muon|adamw, balanced).
 """
 
@@ -38,10 +44,27 @@ from k2mini.nano import study as S
 from k2mini.textdata import code_corpus, prose_corpus, split_documents
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CUTS = {"e2": ("2 of 32 experts", ["--layers", "9", "--experts", "2"]),
-        "e8": ("8 of 32 experts", ["--layers", "9", "--experts", "8"]),
-        "l4": ("4 of 9 layers", ["--layers", "4", "--experts", "32"])}
+# Expert cuts keep a count, not a share: on the 64-expert nano model "8 experts" is 8 of 64.
+CUTS = {"e2": ("2 experts kept", ["--layers", "9", "--experts", "2"]),
+        "e8": ("8 experts kept", ["--layers", "9", "--experts", "8"]),
+        "l4": ("4 of 9 layers, 32 experts kept", ["--layers", "4", "--experts", "32"])}
 METHODS = ["router", "lora", "full"]
+DEFAULT_SETTINGS = "router:default:default,lora:default:default,full:default:default"
+
+
+def parse_settings(text: str) -> list[tuple[str, float | None, float | None]]:
+    """``METHOD:EPOCHS:LR,...`` -> [(method, epochs or None = heal's default, lr or None = heal's default)]."""
+    out = []
+    for item in text.split(","):
+        method, epochs, lr = item.split(":")
+        if method not in METHODS:
+            raise click.BadParameter(f"{item}: method must be one of {METHODS}")
+        out.append((method, None if epochs == "default" else float(epochs), None if lr == "default" else float(lr)))
+    return out
+
+
+def setting_name(method: str, epochs: float | None, lr: float | None) -> str:
+    return f"{method} {'default' if epochs is None else f'{epochs:g} ep'} lr {'default' if lr is None else f'{lr:g}'}"
 
 
 def k2mini(*args: str) -> None:
@@ -65,13 +88,13 @@ def evaluate(model, evals, refs) -> dict[str, dict[str, float]]:
     return {d: S.compare(model, ids, refs[d]) for d, ids in evals.items()}
 
 
-def run_model(name: str, path: Path, work: Path, cuts: list[str], steps: int, seeds: int, batch: int, lrs: dict, teacher_samples: int,
-              eval_windows: int, seq_len: int) -> list[dict]:
+def run_model(name: str, path: Path, work: Path, cuts: list[str], settings: list, seeds: int, batch: int, teacher_samples: int,
+              eval_windows: int, seq_len: int, curves: bool) -> list[dict]:
     from accelerate import Accelerator
 
     from k2mini.checkpoint.reader import Checkpoint
     from k2mini.heal import methods as M
-    from k2mini.heal.recipe import HealOptions, train
+    from k2mini.heal.recipe import DEFAULT_EVAL_FRACTION, HealOptions, default_steps, split, train
     from k2mini.model.hf import load_checkpoint_model
     from k2mini.teacher.cache import TeacherCache
 
@@ -88,70 +111,80 @@ def run_model(name: str, path: Path, work: Path, cuts: list[str], steps: int, se
     dd = data.load(cfg["vocab_size"])
     evals = {d: data.windows(dd.test[d], seq_len, eval_windows) for d in ("prose", "code")}
     refs = {d: S.reference(source, ids) for d, ids in evals.items()}
-    rows = [{"model": name, "cut": "none", "method": "unpruned", "seed": 0, "tokens": 0, "domain": d, **m}
+    rows = [{"model": name, "cut": "none", "method": "unpruned", "setting": "unpruned", "seed": 0, "tokens": 0, "domain": d, **m}
             for d, m in evaluate(source, evals, refs).items()]
     acc = Accelerator(cpu=True)
-    curve_at = sorted({max(1, steps // 8), max(1, steps // 4), max(1, steps // 2), steps})
     for cut in cuts:
         reduced = work / f"cut-{cut}"
         if not reduced.exists():
             k2mini("convert", "-s", str(path), "--analysis", str(analysis), *CUTS[cut][1], "-o", str(reduced))
         before = evaluate(load_checkpoint_model(Checkpoint.open(str(reduced))), evals, refs)
-        rows += [{"model": name, "cut": cut, "method": "none", "seed": 0, "tokens": 0, "domain": d, **m} for d, m in before.items()]
-        for method in METHODS:
+        rows += [{"model": name, "cut": cut, "method": "none", "setting": "none", "seed": 0, "tokens": 0, "domain": d, **m}
+                 for d, m in before.items()]
+        for method, epochs, lr in settings:
+            label = setting_name(method, epochs, lr)
             for seed in range(seeds):
                 t0 = time.perf_counter()
                 model = load_checkpoint_model(Checkpoint.open(str(reduced)))
-                opts = HealOptions(method=method, steps=steps, batch_size=batch, lr=lrs[method], seed=seed, eval_fraction=0.0,
-                                   save_every=steps, progress=False)
+                # heal's defaults: the held-out share and the amount of training it derives from the cache
+                train_n = len(split(cache.sequences, DEFAULT_EVAL_FRACTION, seed)[0])
+                n_steps = default_steps(train_n, batch) if epochs is None else default_steps(train_n, batch, epochs)
+                opts = HealOptions(method=method, steps=n_steps, batch_size=batch, lr=lr, seed=seed,
+                                   eval_fraction=DEFAULT_EVAL_FRACTION, eval_every=n_steps, save_every=n_steps, progress=False)
+                curve_at = sorted({max(1, n_steps // 8), max(1, n_steps // 4), max(1, n_steps // 2)}) if curves else []
                 curve = []
 
-                def on_step(entry, model=model, curve=curve, seed=seed):
-                    if seed == 0 and entry.step in curve_at and entry.step != steps:
+                def on_step(entry, model=model, curve=curve, seed=seed, curve_at=curve_at):
+                    if seed == 0 and entry.step in curve_at:
                         curve.append((entry.tokens, evaluate(model, evals, refs)))
 
                 with tempfile.TemporaryDirectory() as tmp:
-                    trained, res = train(model, cache, opts, work=Path(tmp), accelerator=acc, on_step=on_step)
-                after = evaluate(M.base_model(trained), evals, refs)
+                    student, res = train(model, cache, opts, work=Path(tmp), accelerator=acc, on_step=on_step)
+                after = evaluate(M.base_model(student.trained), evals, refs)
                 curve.append((res.tokens_seen, after))
                 acc.free_memory()
+                common = {"model": name, "cut": cut, "method": method, "setting": label, "seed": seed, "steps": n_steps,
+                          "batch_size": batch, "epochs": round(n_steps * batch / train_n, 3), "train_sequences": train_n,
+                          "cache_tokens": cache.manifest.tokens, "lr": opts.learning_rate}
                 for d, m in after.items():
-                    rows.append({"model": name, "cut": cut, "method": method, "seed": seed, "tokens": res.tokens_seen, "domain": d,
-                                 "lr": opts.learning_rate, "seconds": round(time.perf_counter() - t0, 1), **m})
+                    rows.append({**common, "tokens": res.tokens_seen, "domain": d, "seconds": round(time.perf_counter() - t0, 1), **m})
                 if seed == 0:
-                    for tokens, ev in curve:
+                    for tokens, ev in curve[:-1]:
                         for d, m in ev.items():
-                            rows.append({"model": name, "cut": cut, "method": method, "seed": 0, "tokens": tokens, "domain": d,
-                                         "curve": True, **m})
+                            rows.append({**common, "tokens": tokens, "domain": d, "curve": True, **m})
                 kl = {d: round(m["kl"], 4) for d, m in after.items()}
-                print(f"{name} {cut} {method} seed {seed}: KL {kl} (before {({d: round(m['kl'], 4) for d, m in before.items()})}) "
-                      f"{time.perf_counter() - t0:.0f} s", flush=True)
+                print(f"{name} {cut} {label} seed {seed} ({n_steps} steps): KL {kl} "
+                      f"(before {({d: round(m['kl'], 4) for d, m in before.items()})}) {time.perf_counter() - t0:.0f} s", flush=True)
     return rows
 
 
-def summarise(rows: list[dict], default: str) -> tuple[str, list[dict]]:
-    """The markdown table: mean and spread over seeds, and the share of KL removed."""
+def summarise(rows: list[dict]) -> tuple[str, list[dict]]:
+    """The markdown table: per setting, mean and spread over seeds, and the share of KL removed."""
     final = [r for r in rows if not r.get("curve")]
     keyed: dict[tuple, list[dict]] = {}
     for r in final:
-        keyed.setdefault((r["model"], r["cut"], r["method"], r["domain"]), []).append(r)
+        keyed.setdefault((r["model"], r["cut"], r["setting"], r["domain"]), []).append(r)
+    order = ["unpruned", "none", *dict.fromkeys(r["setting"] for r in final if r["method"] in METHODS)]
     out, table = [], []
-    for (model, cut, method, domain), rs in sorted(keyed.items(), key=lambda kv: (kv[0][0], kv[0][1], ["unpruned", "none", *METHODS].index(kv[0][2]), kv[0][3])):
+    for (model, cut, setting, domain), rs in sorted(keyed.items(), key=lambda kv: (kv[0][0], kv[0][1], order.index(kv[0][2]), kv[0][3])):
         kls, ppls = [r["kl"] for r in rs], [r["ppl"] for r in rs]
         before = keyed.get((model, cut, "none", domain))
-        removed = 1 - statistics.mean(kls) / before[0]["kl"] if before and method in METHODS and before[0]["kl"] > 0 else None
-        s = {"model": model, "cut": cut, "method": method, "domain": domain, "seeds": len(rs), "tokens": rs[0]["tokens"],
-             "kl_mean": statistics.mean(kls), "kl_min": min(kls), "kl_max": max(kls), "ppl_mean": statistics.mean(ppls),
-             "ppl_min": min(ppls), "ppl_max": max(ppls), "kl_removed": removed}
+        removed = 1 - statistics.mean(kls) / before[0]["kl"] if before and rs[0]["method"] in METHODS and before[0]["kl"] > 0 else None
+        s = {"model": model, "cut": cut, "setting": setting, "method": rs[0]["method"], "domain": domain, "seeds": len(rs),
+             "steps": rs[0].get("steps", 0), "epochs": rs[0].get("epochs", 0), "lr": rs[0].get("lr"), "tokens": rs[0]["tokens"],
+             "cache_tokens": rs[0].get("cache_tokens"), "kl_mean": statistics.mean(kls), "kl_min": min(kls), "kl_max": max(kls),
+             "ppl_mean": statistics.mean(ppls), "ppl_min": min(ppls), "ppl_max": max(ppls), "kl_removed": removed}
         out.append(s)
         cut_name = CUTS[cut][0] if cut in CUTS else "unpruned"
         spread = f" ({s['kl_min']:.4f}-{s['kl_max']:.4f})" if len(rs) > 1 else ""
         pspread = f" ({s['ppl_min']:.1f}-{s['ppl_max']:.1f})" if len(rs) > 1 else ""
         rem = f"{100 * removed:.0f}%" if removed is not None else "-"
-        table.append(f"| {model} | {cut_name} | {method}{' (default)' if method == default else ''} | {domain} | {s['tokens']:,} | "
+        amount = f"{s['steps']} ({s['epochs']:g} ep)" if s["steps"] else "-"
+        table.append(f"| {model} | {cut_name} | {setting} | {domain} | {amount} | {s['tokens']:,} | "
                      f"{s['kl_mean']:.4f}{spread} | {s['ppl_mean']:.1f}{pspread} | {rem} |")
-    head = ["| model | cut | method | domain | teacher tokens | KL to unpruned (mean, min-max over seeds) | perplexity | KL removed |",
-            "|---|---|---|---|---|---|---|---|"]
+    head = ["| model | cut | setting | domain | steps (epochs of the training share) | teacher tokens seen | "
+            "KL to unpruned (mean, min-max over seeds) | perplexity | KL removed |",
+            "|---|---|---|---|---|---|---|---|---|"]
     return "\n".join(head + table), out
 
 
@@ -163,25 +196,27 @@ def plot(rows: list[dict], path: Path) -> None:
 
     models = sorted({r["model"] for r in rows})
     cuts = [c for c in CUTS if any(r["cut"] == c for r in rows)]
+    settings = list(dict.fromkeys(r["setting"] for r in rows if r["method"] in METHODS))
+    colors = plt.get_cmap("tab10")
     fig, axes = plt.subplots(len(models), len(cuts), figsize=(4.2 * len(cuts), 3.3 * len(models)), squeeze=False)
     for i, model in enumerate(models):
         for j, cut in enumerate(cuts):
             ax = axes[i][j]
             for domain, style in (("prose", "-"), ("code", "--")):
-                before = [r for r in rows if (r["model"], r["cut"], r["method"], r["domain"]) == (model, cut, "none", domain)]
-                for method, color in zip(METHODS, ("tab:blue", "tab:orange", "tab:green")):
-                    pts = sorted((r["tokens"], r["kl"]) for r in rows
-                                 if r.get("curve") and (r["model"], r["cut"], r["method"], r["domain"]) == (model, cut, method, domain))
+                before = [r for r in rows if (r["model"], r["cut"], r["setting"], r["domain"]) == (model, cut, "none", domain)]
+                for k, setting in enumerate(settings):
+                    pts = sorted((r["tokens"], r["kl"]) for r in rows if r["seed"] == 0
+                                 and (r["model"], r["cut"], r["setting"], r["domain"]) == (model, cut, setting, domain))
                     if pts and before:
                         pts = [(0, before[0]["kl"])] + pts
-                        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=f"{method} {domain}")
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".", color=colors(k), label=f"{setting} {domain}")
             ax.set_title(f"{model}: {CUTS[cut][0]}")
             ax.set_xlabel("teacher tokens seen")
             ax.set_ylabel("held-out KL to unpruned")
             ax.set_yscale("log")
             ax.grid(alpha=0.3)
             if i == 0 and j == 0:
-                ax.legend(fontsize=7)
+                ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -190,33 +225,31 @@ def plot(rows: list[dict], path: Path) -> None:
 @click.command()
 @click.option("--models", default=None, help="NAME=DIR[,NAME=DIR...] of trained nano K2 checkpoints.")
 @click.option("--combine", multiple=True, type=click.Path(exists=True, path_type=Path),
-              help="Instead of running: merge the rows of earlier result JSONs (one model each, run in parallel) into OUT.")
+              help="Instead of running: merge the rows of earlier result JSONs (run as separate pieces) into OUT.")
 @click.option("--cuts", default="e2,e8,l4", show_default=True, help="Which cuts: e2 (2 of 32 experts), e8, l4 (4 of 9 layers).")
-@click.option("--steps", default=100, show_default=True, help="Heal steps per run.")
-@click.option("--batch-size", default=16, show_default=True, help="Sequences per step.")
+@click.option("--settings", "settings_text", default=DEFAULT_SETTINGS, show_default=True,
+              help="METHOD:EPOCHS:LR,... ; EPOCHS over the cache's training share, 'default' = heal's default for either.")
+@click.option("--batch-size", default=8, show_default=True, help="Sequences per step (heal's default).")
 @click.option("--seeds", default=3, show_default=True)
-@click.option("--lr-router", default=None, type=float, help="[default: heal's default for the method]")
-@click.option("--lr-lora", default=None, type=float)
-@click.option("--lr-full", default=None, type=float)
+@click.option("--curve/--no-curve", "curves", default=True, show_default=True, help="Evaluate at 1/8, 1/4, 1/2 of each seed-0 run too.")
 @click.option("--teacher-samples", default=1024, show_default=True, help="Teacher sequences (the healing corpus).")
 @click.option("--eval-windows", default=64, show_default=True, help="Test windows per domain.")
 @click.option("--seq-len", default=64, show_default=True)
+@click.option("--threads", default=1, show_default=True, help="torch threads.")
 @click.option("--work", default="/tmp/k2mini-heal-study", show_default=True, type=click.Path(path_type=Path),
               help="Analyses, cuts and teacher caches (reused when present).")
 @click.option("--out", "out_name", default="study_heal", show_default=True, help="Result file stem under analysis/results/.")
-def main(models, combine, cuts, steps, batch_size, seeds, lr_router, lr_lora, lr_full, teacher_samples, eval_windows, seq_len, work,
-         out_name):
+def main(models, combine, cuts, settings_text, batch_size, seeds, curves, teacher_samples, eval_windows, seq_len, threads, work, out_name):
     """Run the healing study and write analysis/results/OUT.{json,md,png}."""
-    from k2mini.heal.recipe import DEFAULT_LR
-
     torch.manual_seed(0)
-    lrs = {"router": lr_router or DEFAULT_LR["router"], "lora": lr_lora or DEFAULT_LR["lora"], "full": lr_full or DEFAULT_LR["full"]}
+    torch.set_num_threads(threads)
+    settings = parse_settings(settings_text)
     rows = []
     t0 = time.perf_counter()
     if combine:
         parts = [json.loads(p.read_text()) for p in combine]
         rows = [r for part in parts for r in part["rows"]]
-        lrs, steps, batch_size, seq_len = parts[0]["lrs"], parts[0]["steps"], parts[0]["batch_size"], parts[0]["seq_len"]
+        batch_size, seq_len = parts[0]["batch_size"], parts[0]["seq_len"]
         teacher_samples = parts[0]["teacher_tokens"] // seq_len
         eval_windows = parts[0]["eval_tokens_per_domain"] // seq_len
         t0 -= sum(part["seconds"] for part in parts)  # the runs' own time, not the merge's
@@ -224,13 +257,11 @@ def main(models, combine, cuts, steps, batch_size, seeds, lr_router, lr_lora, lr
         raise click.UsageError("give --models or --combine")
     for spec in models.split(",") if not combine else []:
         name, _, path = spec.partition("=")
-        rows += run_model(name, Path(path), work / name, cuts.split(","), steps, seeds, batch_size, lrs, teacher_samples,
-                          eval_windows, seq_len)
-    default = "lora"
-    table, summary = summarise(rows, default)
+        rows += run_model(name, Path(path), work / name, cuts.split(","), settings, seeds, batch_size, teacher_samples,
+                          eval_windows, seq_len, curves)
+    table, summary = summarise(rows)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{out_name}.json").write_text(json.dumps({"rows": rows, "summary": summary, "lrs": lrs, "steps": steps,
-                                                          "batch_size": batch_size, "seq_len": seq_len,
+    (RESULTS / f"{out_name}.json").write_text(json.dumps({"rows": rows, "summary": summary, "batch_size": batch_size, "seq_len": seq_len,
                                                           "teacher_tokens": teacher_samples * seq_len,
                                                           "eval_tokens_per_domain": eval_windows * seq_len,
                                                           "seconds": round(time.perf_counter() - t0)}, indent=1))

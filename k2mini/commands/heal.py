@@ -20,9 +20,13 @@ from k2mini.sizes import format_size
                    "attention, dense MLP, shared and routed experts, merged before writing; full = every weight. lora is the "
                    "default: in the nano study (analysis/results/study_heal.md) it removed 60-76% of the KL at every cut, more "
                    "than full in the same steps (router: 0-29%), and at K2's 24 x 16 it fits one 80 GB GPU, full does not.")
-@click.option("--steps", type=int, default=None, help="Optimizer steps [default: 100].")
-@click.option("--epochs", type=float, default=None, help="Instead of --steps: passes over the training share of the cache.")
-@click.option("--lr", type=float, default=None, help="Peak learning rate [default: router 1e-2, lora 3e-3, full 3e-4, from the nano study]; warm-up, then cosine to 10%.")
+@click.option("--steps", type=int, default=None, help="Optimizer steps [default: from the cache, see --epochs].")
+@click.option("--epochs", type=float, default=None,
+              help="Instead of --steps: passes over the training share of the cache [default: 3, at most 20,000 steps. On five "
+                   "nano K2s (3 cuts each, 65,536-token caches) 3 epochs of lora removed at least half of the held-out KL in "
+                   "all 30 cut x domain cells (54-93%); 2 epochs left one at 49%: analysis/results/heal_defaults_sweep.md].")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [default: router 1e-2, lora 3e-3, full 3e-4, from the nano study "
+              "and sweep]; transformers' linear warm-up, then cosine to 10%.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per step over all ranks (a multiple of the ranks).")
 @click.option("--lora-rank", type=int, default=None, help="LoRA rank (--method lora only) [default: 16].")
 @click.option("--ce-weight", type=float, default=0.0, show_default=True, help="Add this x cross-entropy on the corpus tokens to the KL.")
@@ -30,6 +34,17 @@ from k2mini.sizes import format_size
 @click.option("--eval-every", type=int, default=None, help="Steps between held-out evaluations [default: a tenth of the run].")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", "checkpointing", default=None,
               help="Recompute each decoder layer in backward instead of keeping its activations [default: on with CUDA, off on CPU].")
+@click.option("--fsdp/--no-fsdp", "fsdp", default=None,
+              help="Shard weights, gradients and optimizer state over the ranks with FSDP2 (each rank holds 1/N), instead of a "
+                   "full replica per rank (DDP) [default: FSDP2 on several GPUs when a replica of the method's training state does "
+                   "not fit one (heal --dry-run shows both), DDP otherwise: DDP exchanges only gradients, FSDP2 also all-gathers "
+                   "every weight in forward and backward; measured on CPU, nano K2, 2 ranks: FSDP2 at 0.61x DDP's tokens/s for "
+                   "lora, 0.64x for full (scripts/bench_heal.py --parallel)]. --fsdp on one process runs too.")
+@click.option("--mixed-precision/--no-mixed-precision", "mixed_precision", default=None,
+              help="BF16 compute over FP32 trained weights, gradients reduced in FP32 (accelerate's under DDP, FSDP2's policy "
+                   "when sharded) [default: on with CUDA, off on CPU].")
+@click.option("--cpu-offload", is_flag=True, help="With --fsdp on GPUs: keep the sharded weights, gradients and optimizer state in "
+              "host memory, a layer at a time on the GPU (slower; for cuts that do not fit even sharded).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Data order, held-out split and LoRA initialisation.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present; under torchrun each rank's local GPU), cpu, cuda, cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output (only once the new one is complete).")
@@ -42,7 +57,7 @@ from k2mini.sizes import format_size
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def heal_cmd(reduced, teacher, output, method, steps, epochs, lr, batch_size, lora_rank, ce_weight, eval_fraction, eval_every,
-             checkpointing, seed, device, overwrite, resume, dry_run, gpus, gpu_profile, seq_len, as_json, quiet) -> None:
+             checkpointing, fsdp, mixed_precision, cpu_offload, seed, device, overwrite, resume, dry_run, gpus, gpu_profile, seq_len, as_json, quiet) -> None:
     """Distil REDUCED (a k2mini BF16 output) from the cached predictions of the unpruned
     source (`k2mini teacher`): forward KL(teacher || student) over the teacher's top-k ids
     plus a tail bucket, optionally plus cross-entropy. The output is a complete checkpoint
@@ -52,8 +67,12 @@ def heal_cmd(reduced, teacher, output, method, steps, epochs, lr, batch_size, lo
     An fp8 or int4 REDUCED is refused: convert the same plan with --dtype bf16, heal it,
     and quantize the result.
 
-    Data-parallel: launch with torchrun or accelerate launch (DDP); N ranks with the same
-    --batch-size train the same weights as one.
+    Data-parallel: launch with torchrun or accelerate launch, DDP or FSDP2 (--fsdp); N ranks
+    with the same --batch-size train the same weights as one. The training checkpoint
+    (torch.distributed.checkpoint) resumes on any number of ranks.
+
+    Amount of training: without --steps or --epochs, 3 passes over the cache's training
+    share (its sequences less the --eval-fraction held out), at most 20,000 steps.
 
     \b
     Examples:
@@ -61,6 +80,7 @@ def heal_cmd(reduced, teacher, output, method, steps, epochs, lr, batch_size, lo
       k2mini heal ./tiny-3x4 -t ./tiny.teacher -o ./tiny-healed --method router --steps 50
       k2mini heal ./k2-24x16 -t ./k2.teacher -o ./healed --method lora --lora-rank 32 --epochs 1 --ce-weight 0.1
       torchrun --nproc_per_node 8 $(which k2mini) heal ./k2-24x16 -t ./k2.teacher -o ./healed --batch-size 64
+      torchrun --nproc_per_node 8 $(which k2mini) heal ./k2-61x32 -t ./k2.teacher -o ./healed --fsdp --batch-size 64
       k2mini heal ./k2-24x16 --dry-run --gpus 8 --gpu h100
       k2mini heal ./k2-24x16 -t ./k2.teacher -o ./healed --resume
     """
@@ -86,6 +106,8 @@ def heal_cmd(reduced, teacher, output, method, steps, epochs, lr, batch_size, lo
         raise UsageError(f"--ce-weight {ce_weight}: must be >= 0")
     if eval_every is not None and eval_every < 1:
         raise UsageError(f"--eval-every {eval_every}: must be >= 1")
+    if cpu_offload and fsdp is not True:
+        raise UsageError("--cpu-offload: offloads FSDP2's shards; give --fsdp too")
     if resume and overwrite:
         raise UsageError("--resume and --overwrite: give one of them")
     if reduced is None:
@@ -103,22 +125,24 @@ def heal_cmd(reduced, teacher, output, method, steps, epochs, lr, batch_size, lo
     from k2mini.teacher.cache import TeacherCache
 
     dev = resolve_device(device)
-    n_steps = steps or 100
-    if epochs is not None:
-        from k2mini.heal.recipe import split
+    if cpu_offload and dev.type != "cuda":
+        raise UsageError("--cpu-offload: is for GPUs (on CPU the weights are in host memory already)")
+    n_steps = steps
+    if n_steps is None:
+        from k2mini.heal.recipe import DEFAULT_EPOCHS, default_steps, split
 
-        cache = TeacherCache(teacher)
-        train_n = len(split(cache.sequences, eval_fraction, seed)[0])
-        n_steps = max(1, round(epochs * train_n / batch_size))
+        train_n = len(split(TeacherCache(teacher).sequences, eval_fraction, seed)[0])
+        n_steps = default_steps(train_n, batch_size, epochs if epochs is not None else DEFAULT_EPOCHS)
     opts = HealOptions(method=method, steps=n_steps, lr=lr, batch_size=batch_size, lora_rank=lora_rank or 16,
                        ce_weight=ce_weight, eval_fraction=eval_fraction, eval_every=eval_every, seed=seed,
                        gradient_checkpointing=checkpointing if checkpointing is not None else dev.type == "cuda",
-                       progress=not quiet and not as_json)
+                       fsdp=fsdp, mixed_precision=mixed_precision if mixed_precision is not None else dev.type == "cuda",
+                       cpu_offload=cpu_offload, progress=not quiet and not as_json)
     block, result = run_heal(reduced, teacher, output, opts, device=dev.type if dev.type == "cpu" else str(dev),
                              overwrite=overwrite, resume=resume)
     if block is None:  # not rank 0
         return
-    summary = {"output": str(output), **block, "ranks": result.ranks, "seconds": round(result.seconds, 3),
+    summary = {"output": str(output), **block, "ranks": result.ranks, "parallel": result.parallel, "seconds": round(result.seconds, 3),
                "tokens_per_second": round(result.tokens_per_second, 1), "peak_gpu_bytes": result.peak_gpu_bytes,
                "resumed_from_step": result.resumed_from_step}
     if as_json:
@@ -127,7 +151,7 @@ def heal_cmd(reduced, teacher, output, method, steps, epochs, lr, batch_size, lo
     click.echo(f"wrote {output}: {block['method']} healing, {block['steps']} steps, {block['tokens_seen']:,} teacher tokens seen")
     click.echo(f"  train KL {block['first_loss']:.4f} -> {block['last_loss']:.4f}"
                + (f"; held-out KL {block['first_eval_kl']:.4f} -> {block['last_eval_kl']:.4f}" if block["first_eval_kl"] is not None else ""))
-    click.echo(f"  {result.ranks} rank(s), {result.seconds:.1f} s, {result.tokens_per_second:,.0f} tokens/s"
+    click.echo(f"  {result.ranks} rank(s) ({result.parallel}), {result.seconds:.1f} s, {result.tokens_per_second:,.0f} tokens/s"
                + (f", peak GPU memory {format_size(result.peak_gpu_bytes, binary=True)}" if result.peak_gpu_bytes else "")
                + (f" (resumed at step {result.resumed_from_step})" if result.resumed_from_step else ""))
     click.echo(f"  next: k2mini validate {output} --reference SOURCE")
@@ -160,14 +184,18 @@ def _dry_run(reduced, teacher, method, batch_size, lora_rank, gpus, gpu_profile,
     click.echo(f"heal (dry run): {reduced}, {p['params'] / 1e9:.2f}B parameters, {gpus} x {profile.name} "
                f"({format_size(usable, binary=True)} usable each), {batch_size // gpus} sequence(s) of {seq_len} tokens per GPU, gradient checkpointing "
                f"{'on' if checkpointing else 'off'}")
+    def gib(n: float) -> str:
+        return format_size(n, binary=True)
+
+    click.echo(f"  per GPU: params | grads | AdamW state | activations = total (host memory per rank with offload); "
+               f"FSDP2 shards every decoder layer, then the root, and gathers the root plus two layers at a time")
     for name, m in p["methods"].items():
-        mark = "<- --method" if name == method else ""
-        click.echo(f"  {name:6s} {m['parallel']:5s} trainable {m['trainable_params'] / 1e6:9.2f}M  weights {format_size(m['weights'], binary=True):>10s}  "
-                   f"grads+AdamW {format_size(m['trainable_state'], binary=True):>10s}  activations {format_size(m['activations'], binary=True):>10s}  "
-                   f"total {format_size(m['total'], binary=True):>10s}  {'fits' if m['fits'] else 'does NOT fit'} {mark}")
-    if gpus > 1:
-        click.echo("  note: full on several GPUs needs FSDP2 (sharded as above); heal runs DDP today: accelerate enables FSDP "
-                   "on GPUs only and none was available to test it, so it is not wired yet")
+        click.echo(f"  {name}: trainable {m['trainable_params'] / 1e6:,.2f}M, default layout {m['default']}"
+                   + ("  <- --method" if name == method else ""))
+        for layout, x in m["layouts"].items():
+            host = f"  host {gib(x['host'])}/rank" if x["host"] else ""
+            click.echo(f"    {layout:14s} {gib(x['params']):>10s} | {gib(x['grads']):>10s} | {gib(x['optimizer']):>10s} | "
+                       f"{gib(x['activations']):>9s} = {gib(x['total']):>10s}  {'fits' if x['fits'] else 'does NOT fit'}{host}")
 
 
 def _config_alone(reduced: str) -> dict:

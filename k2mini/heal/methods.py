@@ -49,24 +49,3 @@ def base_model(trained):
     from peft import PeftModel
 
     return trained.get_base_model() if isinstance(trained, PeftModel) else trained
-
-
-def merged(trained):
-    """The plain model with any adapters folded into its weights."""
-    from peft import PeftModel
-
-    return trained.merge_and_unload() if isinstance(trained, PeftModel) else trained
-
-
-def trainable_state(trained) -> dict[str, torch.Tensor]:
-    """What a training checkpoint must keep: trainable parameters and the correction biases."""
-    out = {n: p.detach().clone() for n, p in trained.named_parameters() if p.requires_grad}
-    out.update({n: b.detach().clone() for n, b in trained.named_buffers() if n.endswith("e_score_correction_bias")})
-    return out
-
-
-def load_trainable_state(trained, state: dict[str, torch.Tensor]) -> None:
-    own = dict(trained.named_parameters()) | dict(trained.named_buffers())
-    with torch.no_grad():
-        for n, t in state.items():
-            own[n].copy_(t)

@@ -6,6 +6,7 @@ the model card, training log and loss curve."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,6 @@ from k2mini.checkpoint.reader import Checkpoint
 from k2mini.checkpoint.safetensors_format import PlannedTensor
 from k2mini.checkpoint.reduced import ReducedCheckpoint
 from k2mini.checkpoint.writer import WriteUnit
-from k2mini.model.hf import unfuse_experts
 
 LOSS_PNG = "heal_loss.png"
 REPORT = "heal_report.json"
@@ -28,19 +28,22 @@ def weight_names(ck: Checkpoint) -> list[str]:
     return [n for n in ck.weight_names() if ck.tensors[n].parsed.role is not Role.INV_FREQ]
 
 
-def write_healed(partial: Path, reduced: Checkpoint, model: torch.nn.Module, heal_block: dict[str, Any], card_section: str,
-                 own_files: tuple[str, ...] = ()) -> int:
-    """Write ``model`` (a plain DeepseekV3ForCausalLM) into ``partial``; returns tensor bytes.
+def write_healed(partial: Path, reduced: Checkpoint, names: list[str], weight: Callable[[str], torch.Tensor],
+                 heal_block: dict[str, Any], card_section: str, own_files: tuple[str, ...] = ()) -> int:
+    """Write the healed tensors ``names`` (the reduced model's, in the order ``weight`` can
+    produce them: heal/gather.py) into ``partial``; returns tensor bytes.
     ``own_files``: what heal writes there itself (log, curve), never copied from REDUCED."""
-    tensors = unfuse_experts(dict(model.state_dict()))
-    units = []
-    for name in weight_names(reduced):
-        info = reduced.info(name)
-        t = tensors[name]
+
+    def produce(name: str, info) -> list[torch.Tensor]:
+        t = weight(name)
         if tuple(t.shape) != info.shape:
             raise RuntimeError(f"{name}: healed shape {list(t.shape)} differs from the reduced model's {list(info.shape)}")
-        units.append(WriteUnit((PlannedTensor(name, info.dtype, info.shape),),
-                               lambda t=t, dt=_DTYPES[info.dtype]: [t.detach().to("cpu", dt).contiguous()]))
+        return [t.detach().to("cpu", _DTYPES[info.dtype]).contiguous()]
+
+    units = []
+    for name in names:
+        info = reduced.info(name)
+        units.append(WriteUnit((PlannedTensor(name, info.dtype, info.shape),), lambda name=name, info=info: produce(name, info)))
     cfg = json.loads(reduced.source.read_bytes("config.json"))
     cfg.setdefault("k2mini", {})["heal"] = heal_block
     card = reduced.source.read_bytes("README.md").decode() if reduced.source.exists("README.md") else "# Reduced model\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -14,7 +14,9 @@ from k2mini import __version__
 from k2mini.checkpoint.reader import Checkpoint
 from k2mini.checkpoint.source import refuse_output_inside
 from k2mini.errors import UsageError
-from k2mini.heal import methods
+from k2mini.heal import state
+from k2mini.heal.sharding import default_fsdp
+from k2mini.heal.gather import LayerGather, in_group_order
 from k2mini.heal.output import LOSS_PNG, REPORT, card_section, plot_log, weight_names, write_healed
 from k2mini.heal.recipe import LOG_FILE, HealOptions, HealResult, train, write_log
 from k2mini.teacher.cache import TeacherCache
@@ -53,6 +55,18 @@ def refuse_outputs(out: Path, reduced_arg: str, reduced: Checkpoint, teacher: st
         refuse_output_inside(src, out, flag="--output")
 
 
+def _replica_fits(reduced: Checkpoint, opts: HealOptions, device: torch.device, seq_len: int, world: int) -> bool:
+    """Whether a full replica (DDP) of ``opts.method``'s training state fits one GPU (heal/memory.py); always on CPU."""
+    if device.type != "cuda":
+        return True
+    from k2mini.heal import memory
+
+    free = torch.cuda.get_device_properties(device).total_memory
+    p = memory.plan(reduced.config, gpus=world, gpu_bytes=free, seq_len=seq_len, batch_per_gpu=opts.batch_size // world,
+                    lora_rank=opts.lora_rank, checkpointing=opts.gradient_checkpointing)
+    return p["methods"][opts.method]["layouts"]["DDP"]["fits"]
+
+
 def run_heal(reduced_arg: str, teacher_arg: str, out: Path, opts: HealOptions, *, device: str = "cpu",
              overwrite: bool = False, resume: bool = False) -> tuple[dict | None, HealResult]:
     """Returns (the heal block written into config.json on rank 0, else None; the result)."""
@@ -65,22 +79,29 @@ def run_heal(reduced_arg: str, teacher_arg: str, out: Path, opts: HealOptions, *
     cache = TeacherCache(teacher_arg)
     check_pair(reduced, cache, reduced_arg)
     refuse_outputs(out, reduced_arg, reduced, teacher_arg)
-    accelerator = Accelerator(cpu=device == "cpu")
+    # Mixed precision: accelerate's autocast under DDP, FSDP2's own policy when sharded.
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if opts.mixed_precision and not opts.fsdp else "no")
     world = accelerator.num_processes
     if opts.batch_size % world:
         raise UsageError(f"--batch-size {opts.batch_size}: must be a multiple of the {world} ranks (each takes an equal slice)")
+    if opts.fsdp is None:
+        opts = replace(opts, fsdp=default_fsdp(world, _replica_fits(reduced, opts, accelerator.device, cache.seq_len, world)))
     cache.verify()  # a corrupt shard is found now, not hours into training
     planned = sum(reduced.info(n).nbytes for n in weight_names(reduced)) + (1 << 20)
     with open_on_main_rank(out, state=accelerator.state, source=reduced_arg, overwrite=overwrite, resume=resume,
                            planned_bytes=planned) as od:
         cuda = accelerator.device.type == "cuda"
-        # On CUDA the frozen weights stay BF16 (LoRA, router) and full training keeps FP32
-        # master weights under BF16 autocast; on CPU everything is FP32.
-        load_dtype = torch.bfloat16 if cuda and opts.method != "full" else torch.float32
+        # On CUDA the frozen weights stay BF16 (LoRA, router); trained ones are FP32 masters
+        # computed in BF16 (mixed precision); on CPU everything is FP32.
+        # (FSDP2 without mixed precision all-gathers each layer in its stored dtype: one dtype, FP32.)
+        load_dtype = torch.bfloat16 if cuda and opts.method != "full" and (opts.mixed_precision or not opts.fsdp) else torch.float32
         model = load_checkpoint_model(reduced, dtype=load_dtype)
-        trained, result = train(model, cache, opts, work=partial_dir(out), accelerator=accelerator,
-                                compute_dtype=torch.bfloat16 if cuda and opts.method == "full" else None)
+        work = partial_dir(out)
+        student, result = train(model, cache, opts, work=work, accelerator=accelerator)
+        names = in_group_order(weight_names(reduced))
+        gather = LayerGather(student, student.trained, keep=od is not None)
         if od is None:
+            gather.follow(names)  # rank 0's all-gathers, one layer at a time
             return None, result
         ro = opts.resolved()
         evals = [x.eval_kl for x in result.log if x.eval_kl is not None]
@@ -100,10 +121,12 @@ def run_heal(reduced_arg: str, teacher_arg: str, out: Path, opts: HealOptions, *
         }
         write_log(od.partial / LOG_FILE, result.log)
         plot_log([asdict(x) for x in result.log], od.partial / LOSS_PNG)
-        write_healed(od.partial, reduced, methods.merged(trained), block, card_section(block), own_files=(LOG_FILE, LOSS_PNG, REPORT))
-        (od.partial / "train_state.pt").unlink(missing_ok=True)
-        report = {"heal": block, "ranks": result.ranks, "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
-                  "peak_gpu_bytes": result.peak_gpu_bytes, "resumed_from_step": result.resumed_from_step}
+        write_healed(od.partial, reduced, names, gather.get, block, card_section(block), own_files=(LOG_FILE, LOSS_PNG, REPORT))
+        state.remove(work)
+        report = {"heal": block, "ranks": result.ranks, "parallel": result.parallel, "seconds": result.seconds,
+                  "tokens_per_second": result.tokens_per_second, "peak_gpu_bytes": result.peak_gpu_bytes,
+                  "peak_host_bytes": result.peak_host_bytes, "resident_bytes_per_rank": result.resident_per_rank,
+                  "gather_peak_bytes": gather.peak_bytes, "resumed_from_step": result.resumed_from_step}
         (od.partial / REPORT).write_text(json.dumps(report, indent=1))
         od.commit()
         return block, result
