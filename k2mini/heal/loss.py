@@ -26,6 +26,19 @@ import torch
 _TAIL_FLOOR = 1e-6
 
 
+def collapsed_kl(t_top: torch.Tensor, s_top: torch.Tensor, s_tail: torch.Tensor) -> torch.Tensor:
+    """Per position KL(teacher || student) on the k ids + tail bucket (the formula above).
+
+    ``t_top`` [N, k] teacher log-probs, ``s_top`` [N, k] student log-probs at the same ids,
+    ``s_tail`` [N] the student's log-mass outside them (only used where the teacher has a tail).
+    Shared by ``kl_sum`` (full logits) and plan's streamed head (logits in row blocks)."""
+    p_top = t_top.exp()
+    kl = (p_top * (t_top - s_top)).sum(-1)
+    p_tail = (1.0 - p_top.sum(-1)).clamp_min(0.0)
+    tail = p_tail * (p_tail.clamp_min(_TAIL_FLOOR).log() - s_tail)
+    return kl + torch.where(p_tail > _TAIL_FLOOR, tail, torch.zeros_like(tail))
+
+
 def kl_sum(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> torch.Tensor:
     """Sum over positions of KL(teacher || student) on the k ids + tail bucket.
 
@@ -36,16 +49,12 @@ def kl_sum(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Te
     lse = logits.logsumexp(-1)
     s_top = logits.gather(-1, topk_ids) - lse[:, None]
     t_top = topk_logprobs.float()
-    p_top = t_top.exp()
-    kl = (p_top * (t_top - s_top)).sum(-1)
-    p_tail = (1.0 - p_top.sum(-1)).clamp_min(0.0)
-    has_tail = p_tail > _TAIL_FLOOR
-    if bool(has_tail.any()):
-        outside = logits.scatter(-1, topk_ids, float("-inf"))
-        s_tail = outside.logsumexp(-1) - lse
-        tail = p_tail * (p_tail.clamp_min(_TAIL_FLOOR).log() - s_tail)
-        kl = kl + torch.where(has_tail, tail, torch.zeros_like(tail))
-    return kl.sum()
+    s_tail = torch.zeros_like(lse)
+    # The student's tail needs a second log-sum-exp over the vocabulary: only when some
+    # position's teacher has a tail.
+    if bool(((1.0 - t_top.exp().sum(-1)) > _TAIL_FLOOR).any()):
+        s_tail = logits.scatter(-1, topk_ids, float("-inf")).logsumexp(-1) - lse
+    return collapsed_kl(t_top, s_top, s_tail).sum()
 
 
 def ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

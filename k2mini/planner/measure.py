@@ -28,7 +28,7 @@ from k2mini.checkpoint.reader import Checkpoint, TensorInfo
 from k2mini.convert.config import fixed_config
 from k2mini.convert.pipeline import plan_jobs
 from k2mini.convert.transforms import Bf16Transform, TensorJob, merged_weight, out_shape, read_selected
-from k2mini.heal.loss import _TAIL_FLOOR
+from k2mini.heal.loss import collapsed_kl, next_token_targets
 from k2mini.model.layerwise import LayerwiseRunner, WeightHook
 from k2mini.selection.plan import Plan
 from k2mini.teacher.cache import TeacherCache
@@ -98,7 +98,7 @@ class Measured:
 @torch.no_grad()
 def streamed_scores(runner: LayerwiseRunner, normed: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                     targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per position: heal's KL (``loss.kl_sum``'s terms) and the NLL of ``targets`` (-100:
+    """Per position: heal's KL (``loss.collapsed_kl`` of the streamed terms) and the NLL of ``targets`` (-100:
     none), from lm_head row blocks. ``normed`` [N, H], ``topk_*`` [N, k], ``targets`` [N]."""
     N = normed.shape[0]
     lse = torch.full((N,), float("-inf"), dtype=torch.float64)
@@ -117,12 +117,7 @@ def streamed_scores(runner: LayerwiseRunner, normed: torch.Tensor, topk_ids: tor
         lse_out = torch.logaddexp(lse_out, lg.masked_fill(hits > 0, float("-inf")).logsumexp(-1))
         hit = (targets >= r0) & (targets < r1)
         tgt = torch.where(hit, lg.gather(1, (targets - r0).clamp(0, w.shape[0] - 1)[:, None])[:, 0], tgt)
-    t_top = topk_logprobs.double()
-    p_top = t_top.exp()
-    kl = (p_top * (t_top - (s_top - lse[:, None]))).sum(-1)
-    p_tail = (1.0 - p_top.sum(-1)).clamp_min(0.0)
-    tail = p_tail * (p_tail.clamp_min(_TAIL_FLOOR).log() - (lse_out - lse))
-    kl = kl + torch.where(p_tail > _TAIL_FLOOR, tail, torch.zeros_like(tail))
+    kl = collapsed_kl(topk_logprobs.double(), s_top - lse[:, None], lse_out - lse)
     return kl, lse - tgt
 
 
@@ -149,8 +144,7 @@ def measure(ck: Checkpoint, plan: Plan, dtype: str, cache: TeacherCache, sequenc
     for b0 in range(0, len(sequences), head_sequences):
         batch = cache.read(sequences[b0 : b0 + head_sequences])
         normed = norm(runner.to_compute(h.data[b0 : b0 + len(batch.input_ids)])).float().cpu()
-        targets = torch.full_like(batch.input_ids, -100)
-        targets[:, :-1] = batch.input_ids[:, 1:]
+        targets = next_token_targets(batch.input_ids)
         k = batch.topk_ids.shape[-1]
         kl, nll = streamed_scores(runner, normed.reshape(-1, normed.shape[-1]), batch.topk_ids.reshape(-1, k),
                                   batch.topk_logprobs.reshape(-1, k), targets.reshape(-1))
