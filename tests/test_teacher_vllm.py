@@ -25,6 +25,7 @@ from safetensors import safe_open
 from k2mini.cli import cli
 from k2mini.teacher.cache import MANIFEST, TeacherCache, bytes_per_token
 from fake_vllm import make_engine_python
+from test_teacher import cache_files
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--samples", "5", "--seq-len", "24", "--block-sequences", "2", "--top-k", "8", "--quiet"]
@@ -126,16 +127,6 @@ def teacher(*args: str, mode: str = "serve", record: Path | None = None):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def tree(root: Path) -> dict[str, str]:
-    import hashlib
-
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def cache_files(root: Path) -> dict[str, str]:
-    return {k: v for k, v in tree(root).items() if k != "teacher_run.json"}
 
 
 @pytest.fixture(scope="module")
